@@ -1,0 +1,82 @@
+"""Pure-PyTorch reference kernels: the ``cpu`` backend and the oracle for backend-parity tests.
+
+Layouts and numerics (shared by every backend, see ``mm/ops/__init__.py``):
+
+* attention: q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]`` ("BSHD"); ``key_mask`` ``[B, Sk]`` bool with
+  **True = attend** (a key-padding mask; never an Sq x Sk matrix); ``scale`` defaults to ``D**-0.5``.
+  Returns ``[B, Sq, H, D]`` in the input dtype, softmax accumulated in fp32.
+* rms_norm: ``(x * rsqrt(mean(x^2) + eps))`` in fp32, cast back to x's dtype, then ``* weight``
+  (spec §2.7 QK-norm order).
+* layer_norm: computed in fp32, cast back to x's dtype.
+* apply_rope: rotate-half *within each chunk* of the last dim (spec §2.5: chunks t/h/w), in fp32,
+  ``x * cos + rotate_half(x) * sin``, cast back.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    # [B, S, H, D] -> [B, H, S, D] for SDPA
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+    mask = None
+    if key_mask is not None:
+        if key_mask.dtype != torch.bool or key_mask.shape != (k.shape[0], k.shape[1]):
+            raise ValueError(
+                f"key_mask must be bool [B, Sk] = {(k.shape[0], k.shape[1])}, got {key_mask.dtype} {tuple(key_mask.shape)}"
+            )
+        mask = key_mask[:, None, None, :]  # [B, 1, 1, Sk], broadcast over heads and queries
+    out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight if weight is not None else y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    w = weight.float() if weight is not None else None
+    b = bias.float() if bias is not None else None
+    return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
+
+
+def rotate_half_chunks(x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
+    """Per chunk ``u = [u1, u2] -> [-u2, u1]`` along the last dim."""
+    if sum(chunks) != x.shape[-1] or any(c % 2 for c in chunks):
+        raise ValueError(f"rope chunks {tuple(chunks)} must be even and sum to the head dim {x.shape[-1]}")
+    out = []
+    for u in torch.split(x, list(chunks), dim=-1):
+        u1, u2 = u.chunk(2, dim=-1)
+        out += [-u2, u1]
+    return torch.cat(out, dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
+    xf = x.float()
+    return (xf * cos.float() + rotate_half_chunks(xf, chunks) * sin.float()).to(x.dtype)
+
+
+def adamw_class() -> type[torch.optim.Optimizer]:
+    return torch.optim.AdamW
+
+
+def kernels() -> dict:
+    return {
+        "attention": attention,
+        "rms_norm": rms_norm,
+        "layer_norm": layer_norm,
+        "apply_rope": apply_rope,
+        "adamw_class": adamw_class,
+    }
