@@ -1,0 +1,169 @@
+"""Typed configuration: one dataclass per concern, validated in ``__post_init__``.
+
+Bad values raise ``ValueError`` naming the field, the value and the accepted range. Model-part configs
+live next to their models (``mm.models.wfvae.WFVAEConfig``, ``mm.models.sparse_ummdit.SUVConfig``,
+``mm.data.config.DataConfig``); upstream JSON and megatron-style flags are read by
+``mm.config_upstream``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def check(cond: bool, name: str, value: Any, allowed: str) -> None:
+    """Raise ``ValueError`` for a bad config value: ``name=value`` (allowed: ...)."""
+    if not cond:
+        raise ValueError(f"invalid config value {name}={value!r}: allowed {allowed}")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+    check(value in choices, name, value, f"one of {tuple(choices)}")
+
+
+def check_positive(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    check(ok, name, value, ">= 0" if zero_ok else "> 0")
+
+
+@dataclass
+class BackendConfig:
+    name: str = "auto"  # cpu | cuda | npu | auto (cuda, else npu, else cpu)
+
+    def __post_init__(self):
+        check_choice("backend", self.name, ("auto", "cpu", "cuda", "npu"))
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. ``data_parallel_size`` is derived from the world size at init."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    sequence_parallel: bool = False
+    encoder_data_parallel: bool = False
+    distributed_timeout_minutes: float = 10.0
+
+    def __post_init__(self):
+        for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+            v = getattr(self, f)
+            check(isinstance(v, int) and v >= 1, f, v, "an integer >= 1")
+        v = self.virtual_pipeline_model_parallel_size
+        check(v is None or (isinstance(v, int) and v >= 1), "virtual_pipeline_model_parallel_size", v,
+              "None or an integer >= 1")
+        check(v is None or self.pipeline_model_parallel_size > 1, "virtual_pipeline_model_parallel_size", v,
+              "None unless pipeline_model_parallel_size > 1")
+        check(isinstance(self.sequence_parallel, bool), "sequence_parallel", self.sequence_parallel, "True or False")
+        check(not self.encoder_data_parallel or self.pipeline_model_parallel_size == 1, "encoder_data_parallel",
+              self.encoder_data_parallel, "False when pipeline_model_parallel_size > 1 (spec §7.3)")
+        check_positive("distributed_timeout_minutes", self.distributed_timeout_minutes)
+
+    @property
+    def model_parallel_size(self) -> int:
+        return self.tensor_model_parallel_size * self.pipeline_model_parallel_size * self.context_parallel_size
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.model_parallel_size
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by TP*PP*CP = {self.tensor_model_parallel_size}*"
+                f"{self.pipeline_model_parallel_size}*{self.context_parallel_size} = {mp}"
+            )
+        return world_size // mp
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    min_lr: float = 1e-5
+    lr_decay_style: str = "constant"  # constant | linear | cosine
+    lr_warmup_iters: int = 0
+    lr_warmup_init: float = 0.0
+    lr_decay_iters: int | None = None
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-15
+    clip_grad: float = 1.0
+    clip_grad_ema_decay: float = 0.99
+    ema_decay: float = 0.9999
+    max_consecutive_bad_steps: int = 3
+    use_distributed_optimizer: bool = True
+
+    def __post_init__(self):
+        check_positive("lr", self.lr, zero_ok=True)
+        check_positive("min_lr", self.min_lr, zero_ok=True)
+        check(self.min_lr <= self.lr, "min_lr", self.min_lr, f"<= lr ({self.lr})")
+        check_choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
+        check_positive("lr_warmup_iters", self.lr_warmup_iters, zero_ok=True)
+        check_positive("weight_decay", self.weight_decay, zero_ok=True)
+        for f in ("adam_beta1", "adam_beta2", "clip_grad_ema_decay", "ema_decay"):
+            v = getattr(self, f)
+            check(0.0 <= v < 1.0, f, v, "[0, 1)")
+        check_positive("adam_eps", self.adam_eps)
+        check_positive("clip_grad", self.clip_grad, zero_ok=True)
+        check_positive("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    train_iters: int = 1000
+    seed: int = 1234
+    bf16: bool = False
+    log_interval: int = 1
+    recompute_granularity: str | None = None  # None | "full" | "selective"
+    recompute_num_layers: int = 0
+    selective_recompute_ffn_layers: int = 0
+
+    def __post_init__(self):
+        check_positive("micro_batch_size", self.micro_batch_size)
+        check_positive("global_batch_size", self.global_batch_size)
+        check_positive("train_iters", self.train_iters)
+        check_positive("log_interval", self.log_interval)
+        check(self.recompute_granularity in (None, "full", "selective"), "recompute_granularity",
+              self.recompute_granularity, "None, 'full' or 'selective'")
+        check_positive("recompute_num_layers", self.recompute_num_layers, zero_ok=True)
+        check_positive("selective_recompute_ffn_layers", self.selective_recompute_ffn_layers, zero_ok=True)
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        per_step = self.micro_batch_size * data_parallel_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not divisible by micro_batch_size "
+                f"{self.micro_batch_size} x data-parallel size {data_parallel_size}"
+            )
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None
+    load: str | None = None
+    save_interval: int = 1000
+    keep_last: int = 3
+
+    def __post_init__(self):
+        check_positive("save_interval", self.save_interval)
+        check_positive("keep_last", self.keep_last)
+
+
+def replace(cfg, **changes):
+    """``dataclasses.replace`` that re-runs validation."""
+    return dataclasses.replace(cfg, **changes)
+
+
+@dataclass
+class RunConfig:
+    """Root of a training/inference run: the parts that are not model shapes."""
+
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

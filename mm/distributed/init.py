@@ -1,0 +1,119 @@
+"""torch.distributed + megatron ``parallel_state`` from a typed ``ParallelConfig``.
+
+Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK) and in a plain
+single process (world 1, no environment variables needed: a private TCP store on a free port).
+Timeouts are short by default so a hang fails fast instead of eating a CI run.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from mm.config import ParallelConfig
+from mm.ops import current_backend, select_backend
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    """Sizes, ranks and groups of this process, handed to model constructors (no look-ups inside math)."""
+
+    world_size: int
+    rank: int
+    tp_size: int
+    tp_rank: int
+    tp_group: object
+    pp_size: int
+    pp_rank: int
+    cp_size: int
+    cp_rank: int
+    cp_group: object
+    dp_size: int
+    dp_rank: int
+    dp_group: object
+    dp_cp_group: object
+    sequence_parallel: bool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(timeout_s: float = 120.0) -> None:
+    """Initialise the default process group once (no-op if already initialised)."""
+    if dist.is_initialized():
+        return
+    backend = current_backend()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        dist.init_process_group(backend.dist_backend, rank=rank, world_size=world, timeout=timeout)
+    else:
+        if world != 1:
+            raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are unset; launch with torchrun")
+        store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timeout)
+        dist.init_process_group(backend.dist_backend, store=store, rank=0, world_size=1, timeout=timeout)
+    if backend.device_type != "cpu":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.accelerator.set_device_index(local)
+
+
+def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: float = 120.0) -> ParallelState:
+    """Select the backend (if not yet), init the process group and megatron's model-parallel groups."""
+    select_backend(backend)
+    init_process_group(timeout_s)
+    from megatron.core import parallel_state as ps
+
+    world = dist.get_world_size()
+    dp = cfg.data_parallel_size(world)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=cfg.tensor_model_parallel_size,
+        pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
+        context_parallel_size=cfg.context_parallel_size,
+        distributed_timeout_minutes=max(1, int(round(cfg.distributed_timeout_minutes))),
+    )
+    state = ParallelState(
+        world_size=world,
+        rank=dist.get_rank(),
+        tp_size=cfg.tensor_model_parallel_size,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_size=cfg.pipeline_model_parallel_size,
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        cp_size=cfg.context_parallel_size,
+        cp_rank=ps.get_context_parallel_rank(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_size=dp,
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_group=ps.get_data_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
+        sequence_parallel=cfg.sequence_parallel,
+    )
+    logger.info(
+        "parallel layout: world %d = TP %d x PP %d x CP %d x DP %d (SP %s)",
+        world, state.tp_size, state.pp_size, state.cp_size, dp, cfg.sequence_parallel,
+    )
+    return state
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

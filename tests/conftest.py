@@ -1,0 +1,13 @@
+"""Select the cpu backend (and apply the megatron cpu patches) once, before any test imports megatron,
+so the fork-based multi-rank harness children inherit a ready process."""
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from mm.ops import select_backend  # noqa: E402
+
+select_backend("cpu")
