@@ -54,8 +54,14 @@ def _scoped(original, replacement):
     return wrapper
 
 
-def _noop(*args, **kwargs):
-    return None
+def _noop_builder(_original):
+    """A fresh no-op per patch: torch._dynamo's rule map rejects one function object registered under
+    several torch names with different rules (e.g. synchronize vs empty_cache)."""
+
+    def _noop(*args, **kwargs):
+        return None
+
+    return _noop
 
 
 # ---------------------------------------------------------------------------- P2: streams/events
@@ -288,10 +294,10 @@ PATCHES: list[Patch] = [
     Patch("cuda_device.current_device", "torch.cuda:current_device",
           lambda orig: _scoped(orig, lambda: torch.device("cpu")),
           "~200 `device=torch.cuda.current_device()` sites (SP buffers, p2p, DDP buffers, dist-ckpt)"),
-    Patch("cuda_device.synchronize", "torch.cuda:synchronize", lambda orig: _noop,
+    Patch("cuda_device.synchronize", "torch.cuda:synchronize", _noop_builder,
           "synchronize after batch_isend_irecv / before async save; CPU work is synchronous"),
-    Patch("cuda_device.set_device", "torch.cuda:set_device", lambda orig: _noop, "no device to bind"),
-    Patch("cuda_device.empty_cache", "torch.cuda:empty_cache", lambda orig: _noop, "no device cache"),
+    Patch("cuda_device.set_device", "torch.cuda:set_device", _noop_builder, "no device to bind"),
+    Patch("cuda_device.empty_cache", "torch.cuda:empty_cache", _noop_builder, "no device cache"),
     Patch("cuda_streams.Stream", "torch.cuda:Stream", lambda orig: _NullStream,
           "grad-sync overlap creates side streams"),
     Patch("cuda_streams.Event", "torch.cuda:Event", lambda orig: _NullEvent, "stream events"),
