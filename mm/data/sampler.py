@@ -1,0 +1,162 @@
+"""Shape-grouped, resumable, distributed batch sampler (spec §8.5, §7.3, §7.9).
+
+**Global order.** For epoch ``e`` one generator seeded with ``(seed, e)``: indices are grouped by shape
+key (groups in descending size, ties by key), shuffled inside each group, and cut into blocks of
+``global_batch_size`` samples (a short last block is filled with random repeats of its own group);
+then the block order is shuffled. The order depends on ``(seed, epoch, shape keys,
+global_batch_size)`` only, **not** on the number of replicas, so every optimizer step reads one
+shape-homogeneous block whatever the data-parallel size.
+
+**Sharding.** Each micro-step consumes ``num_replicas × batch_size`` consecutive positions; replica ``r``
+takes positions ``[r·b, (r+1)·b)`` of that span. ``num_replicas`` is the data-parallel size, or the whole
+world with encoder-DP (§7.3: every rank reads its own sample; a TP×CP group shares them).
+``num_replicas × batch_size`` must divide ``global_batch_size``.
+
+**State.** ``consumed_samples`` counts positions of the current epoch's global order that have been
+consumed by all replicas together; the loader advances it per yielded micro-batch. Resuming at another
+data-parallel size continues the same global order from ``consumed_samples`` (which must then be a
+multiple of the new ``num_replicas × batch_size``; saving at optimizer-step boundaries guarantees it).
+The state also keeps the bad samples seen so far and per-reason skip counts. Upstream's
+``initial_global_step_for_sampler`` maps to ``consumed_samples = step × global_batch_size``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+logger = logging.getLogger(__name__)
+
+STATE_VERSION = 1
+
+
+class GroupedDistributedSampler(Sampler[list[int]]):
+    """Yields this replica's micro-batches (lists of ``batch_size`` dataset indices, one shape each)."""
+
+    def __init__(self, shape_keys: Sequence[str], *, batch_size: int, global_batch_size: int,
+                 num_replicas: int = 1, rank: int = 0, seed: int = 42, initial_global_step: int = 0) -> None:
+        if len(shape_keys) == 0:
+            raise ValueError("GroupedDistributedSampler needs at least one sample, got 0")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got rank={rank}")
+        step = num_replicas * batch_size
+        if global_batch_size < step or global_batch_size % step:
+            raise ValueError(f"global_batch_size must be a positive multiple of num_replicas*batch_size={step}, "
+                             f"got {global_batch_size}")
+        if initial_global_step < 0:
+            raise ValueError(f"initial_global_step must be >= 0, got {initial_global_step}")
+        self.shape_keys = list(shape_keys)
+        self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.epoch = 0
+        self.consumed_samples = 0
+        self.skipped: Counter = Counter()
+        self.bad_samples: dict[int, str] = {}
+        self._groups = self._group()
+        self._orders: dict[int, np.ndarray] = {}
+        if initial_global_step:
+            self.consumed_samples = min(initial_global_step * global_batch_size, self.epoch_length)
+
+    # ------------------------------------------------------------------------------------------------
+    def _group(self) -> list[np.ndarray]:
+        groups: dict[str, list[int]] = {}
+        for i, k in enumerate(self.shape_keys):
+            groups.setdefault(k, []).append(i)
+        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+        return [np.asarray(v, dtype=np.int64) for _, v in ordered]
+
+    @property
+    def micro_step_size(self) -> int:
+        """Positions of the global order consumed per micro-step by all replicas together."""
+        return self.num_replicas * self.batch_size
+
+    @property
+    def epoch_length(self) -> int:
+        g = self.global_batch_size
+        return sum(-(-len(grp) // g) * g for grp in self._groups)
+
+    def global_order(self, epoch: int | None = None) -> np.ndarray:
+        """The epoch's global sequence of dataset indices (length ``epoch_length``)."""
+        epoch = self.epoch if epoch is None else epoch
+        if epoch not in self._orders:
+            rng = np.random.default_rng((self.seed, epoch))
+            g = self.global_batch_size
+            blocks = []
+            for grp in self._groups:
+                perm = grp[rng.permutation(len(grp))]
+                short = (-len(perm)) % g
+                if short:
+                    perm = np.concatenate([perm, grp[rng.integers(0, len(grp), size=short)]])
+                blocks.extend(perm.reshape(-1, g))
+            order = np.stack(blocks)[rng.permutation(len(blocks))].reshape(-1)
+            self._orders = {epoch: order}  # keep one epoch cached
+        return self._orders[epoch]
+
+    def rank_batches(self, rank: int | None = None, start: int | None = None) -> list[list[int]]:
+        """Micro-batches replica ``rank`` reads from position ``start`` (default: consumed) to epoch end."""
+        rank = self.rank if rank is None else rank
+        start = self.consumed_samples if start is None else start
+        order = self.global_order()
+        step, b = self.micro_step_size, self.batch_size
+        return [order[p + rank * b:p + (rank + 1) * b].tolist() for p in range(start, len(order), step)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        if self.consumed_samples % self.micro_step_size:
+            raise ValueError(f"consumed_samples={self.consumed_samples} is not a multiple of "
+                             f"num_replicas*batch_size={self.micro_step_size}; resume from an optimizer-step "
+                             "boundary")
+        yield from self.rank_batches()
+
+    def __len__(self) -> int:
+        return max(0, -(-(self.epoch_length - self.consumed_samples) // self.micro_step_size))
+
+    # ------------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def advance(self, micro_steps: int = 1) -> None:
+        """Mark ``micro_steps`` micro-steps (all replicas) as consumed; wraps to the next epoch at the end."""
+        self.consumed_samples += micro_steps * self.micro_step_size
+        if self.consumed_samples >= self.epoch_length:
+            self.epoch += 1
+            self.consumed_samples = 0
+
+    def record_skips(self, skipped: Sequence[dict[str, Any]]) -> None:
+        for s in skipped:
+            self.skipped[s["reason"]] += 1
+            self.bad_samples[int(s["index"])] = s["reason"]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable state; identical on every rank except for skip bookkeeping."""
+        return {
+            "version": STATE_VERSION,
+            "epoch": self.epoch,
+            "consumed_samples": self.consumed_samples,
+            "seed": self.seed,
+            "global_batch_size": self.global_batch_size,
+            "num_samples": len(self.shape_keys),
+            "skipped": dict(self.skipped),
+            "bad_samples": {str(k): v for k, v in sorted(self.bad_samples.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
+                          ("num_samples", len(self.shape_keys))):
+            if state.get(key) != mine:
+                raise ValueError(f"sampler state {key}={state.get(key)!r} does not match this run's {mine!r}; "
+                                 "the global order would differ")
+        self.epoch = int(state["epoch"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped = Counter(state.get("skipped", {}))
+        self.bad_samples = {int(k): v for k, v in state.get("bad_samples", {}).items()}
+        logger.info("sampler resumed at epoch %d, consumed %d/%d samples, %d known bad samples",
+                    self.epoch, self.consumed_samples, self.epoch_length, len(self.bad_samples))
