@@ -1,0 +1,117 @@
+"""Exact temporal streaming for the WFVAE: per-layer left context carried between chunks (spec §4.7).
+
+The spec's "causal cache" splits a video into temporal chunks and makes every layer with temporal
+reach keep the frames the next chunk needs. This module is the clean version of that idea:
+
+* ``TemporalCache`` holds one entry per layer (keyed by the module), reset by creating a new cache at
+  every ``encode()`` / ``decode()`` call. An absent entry means "first chunk".
+* ``Stream`` is what a layer receives: the cache plus ``lookahead``, the number of trailing input frames
+  that are look-ahead only (the decoder feeds one extra latent frame so the trilinear upsampler sees its
+  right neighbour, spec §4.7 "decoder overlap"). Look-ahead frames are computed but never committed to
+  the cache; their outputs are discarded by the caller. After a 2x temporal upsampler the look-ahead
+  doubles (``Stream.upsampled``).
+* ``causal_pad`` is the one place where the amount of carried context is decided. For a causal conv
+  with temporal kernel ``k`` and stride ``s`` applied to the padded committed frames ``P`` (length
+  ``L``), ``n = (L - k) // s + 1`` windows are complete and the next chunk's first window starts at
+  frame ``n * s`` of ``P``; the carried context is exactly ``P[n*s : L]``. This gives ``k - 1 = 2``
+  frames for stride-1 3x3x3 convs, ``1`` frame for the stride-2 downsample (even chunk lengths) and
+  ``0`` for the stride-2 Haar pairs, the amounts the spec lists, written out instead of relying on
+  operator precedence (spec §12 item 9).
+
+Chunk plans are computed per call from the frame count (spec §12 item 10: nothing is frozen at the
+first call); any chunk size is exact, including a 1-frame last chunk and T = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class TemporalCache:
+    """Left temporal context carried from one chunk to the next, one entry per layer."""
+
+    def __init__(self) -> None:
+        self._entries: dict[nn.Module, Any] = {}
+
+    def has(self, layer: nn.Module) -> bool:
+        return layer in self._entries
+
+    def get(self, layer: nn.Module) -> Any:
+        return self._entries[layer]
+
+    def set(self, layer: nn.Module, value: Any) -> None:
+        self._entries[layer] = value
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Streaming state handed to every temporal layer of one chunk."""
+
+    cache: TemporalCache
+    lookahead: int = 0  # trailing input frames that are look-ahead only (not committed)
+
+    def upsampled(self, factor: int = 2) -> Stream:
+        """The same stream after a temporal upsampling by ``factor`` (look-ahead scales with it)."""
+        return Stream(self.cache, self.lookahead * factor)
+
+
+def replicate_first_frame(x: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` copies of the first frame. x [B, C, T, H, W] -> [B, C, count, H, W]."""
+    return x[:, :, :1].expand(-1, -1, count, -1, -1)
+
+
+def causal_pad(
+    x: torch.Tensor, kernel_t: int, stride_t: int, owner: nn.Module, stream: Stream | None
+) -> torch.Tensor:
+    """Prepend the temporal left context of a causal conv and update the owner's cache entry.
+
+    Without a stream, and on the first chunk of a stream, the context is ``kernel_t - 1`` copies of the
+    first frame (replicate-first-frame padding, spec §4.2). Later chunks use the frames carried from
+    the previous chunk instead. x [B, C, T, H, W] -> [B, C, context + T, H, W].
+    """
+    if stream is None or not stream.cache.has(owner):
+        context = replicate_first_frame(x, kernel_t - 1)
+    else:
+        context = stream.cache.get(owner)
+    padded = torch.cat([context, x], dim=2) if context.shape[2] else x
+    if stream is not None:
+        committed = padded.shape[2] - stream.lookahead
+        complete_windows = (committed - kernel_t) // stride_t + 1
+        next_window_start = complete_windows * stride_t
+        carry = padded[:, :, next_window_start:committed]
+        assert complete_windows >= 1 and carry.shape[2] < kernel_t, (committed, kernel_t, stride_t)
+        # clone so the cache holds only the carried frames, not the whole padded chunk
+        stream.cache.set(owner, carry.clone())
+    return padded
+
+
+def encoder_chunks(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """Pixel-frame chunks ``[start, end)``: the first frame alone, then ``chunk_frames`` at a time.
+
+    ``chunk_frames`` is a multiple of 8 so that every chunk after the first halves evenly through the
+    three temporal levels (Haar pairs and stride-2 windows never straddle two chunks).
+    """
+    assert chunk_frames > 0 and chunk_frames % 8 == 0, chunk_frames
+    chunks = [(0, 1)]
+    for start in range(1, num_frames, chunk_frames):
+        chunks.append((start, min(start + chunk_frames, num_frames)))
+    return chunks
+
+
+def decoder_chunks(num_latents: int, chunk_latents: int) -> list[tuple[int, int, int]]:
+    """Latent-frame chunks ``(start, end, lookahead)``: the first latent alone, then ``chunk_latents``.
+
+    Every chunk after the first that is not the last gets one look-ahead latent (its right neighbour,
+    needed by the trilinear temporal interpolation of its last frame). The first chunk needs none: the
+    first latent frame is upsampled spatially only and is never a temporal interpolation partner.
+    """
+    assert chunk_latents > 0, chunk_latents
+    chunks = [(0, 1, 0)]
+    for start in range(1, num_latents, chunk_latents):
+        end = min(start + chunk_latents, num_latents)
+        chunks.append((start, end, 1 if end < num_latents else 0))
+    return chunks
