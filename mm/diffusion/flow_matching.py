@@ -155,7 +155,9 @@ def flow_matching_loss(
     m = mask.to(device=pred.device, dtype=torch.float32).unsqueeze(1)  # [B, 1, T, H, W]
     # No host sync to validate the mask: an all-zero mask gives 0/0 = NaN, which the trainer's
     # non-finite loss check reports.
-    return (err2 * m).sum() / (m.sum() * pred.shape[1])
+    # where(), not a bare product: a non-finite prediction on padding must not leak in as 0 * inf = NaN.
+    masked = torch.where(m > 0, err2 * m, torch.zeros((), dtype=err2.dtype, device=err2.device))
+    return masked.sum() / (m.sum() * pred.shape[1])
 
 
 def broadcast_from_group_src(
