@@ -242,6 +242,7 @@ _PREPROCESS_KEYS = {
     "min_num_frames": "min_num_frames", "cfg": "cfg", "batch_size": "batch_size",
     "gradient_accumulation_size": "gradient_accumulation_size", "use_aesthetic": "use_aesthetic",
     "allow_fps_upsampling": "allow_fps_upsampling", "min_samples_per_shape": "min_samples_per_shape",
+    "enable_text_preprocess": "enable_text_preprocess",  # some upstream files put it here
 }
 _DATASET_KEYS = {
     "dataset_type": "dataset_type", "use_text_processer": "use_text_processer",

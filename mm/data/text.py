@@ -4,8 +4,8 @@ tokenisation to T5 and CLIP ids.
 Tokenisation is an injectable step: ``TextProcessor`` takes already-loaded tokenizers (HF
 ``AutoTokenizer`` objects or anything with the same ``__call__``), so tests can pass tiny ones and the
 feature cache can skip it. The cleaner is ``mm.data.captions.clean_caption`` and runs only when
-``enable_text_preprocess`` is true (upstream ignored the key, §12.20); like upstream it is applied twice
-(the cleaner is not idempotent on every input). The CFG drop replaces the cleaned caption by ``""`` for
+``enable_text_preprocess`` is true (upstream ignored the key, §12.20); it runs upstream's two cleaning
+passes itself. The CFG drop replaces the cleaned caption by ``""`` for
 **both** tokenizers at once.
 """
 
@@ -35,16 +35,12 @@ HIGH_AESTHETIC_MIN = 5.75
 
 
 def caption_cleaner(enabled: bool, keep_chinese: bool = False) -> Callable[[str], str] | None:
-    """The cleaning hook: ``mm.data.captions.clean_caption`` applied twice, or ``None`` when disabled."""
+    """The cleaning hook: ``mm.data.captions.clean_caption``, or ``None`` when disabled."""
     if not enabled:
         return None
     from mm.data.captions import clean_caption
 
-    return functools.partial(_clean_twice, clean_caption, keep_chinese)
-
-
-def _clean_twice(clean: Callable[..., str], keep_chinese: bool, text: str) -> str:
-    return clean(clean(text, keep_chinese=keep_chinese), keep_chinese=keep_chinese)
+    return functools.partial(clean_caption, keep_chinese=keep_chinese)
 
 
 def add_aesthetic(caption: str, score: float | None, rng: np.random.Generator) -> str:
