@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
 import traceback
 
 from mm.distributed.init import free_port
@@ -43,9 +44,11 @@ def _child(fn, rank, world_size, port, args, conn):
             pass
         dist.barrier()
         dist.destroy_process_group()
-        conn.send(("ok", result))
+        # plain pickle: conn.send() would use torch's ForkingPickler, which passes tensors as shared-memory
+        # fds that the parent can only fetch while this (about to _exit) process is alive
+        conn.send_bytes(pickle.dumps(("ok", result)))
     except BaseException:  # noqa: BLE001  (report everything to the parent)
-        conn.send(("error", traceback.format_exc()))
+        conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
     finally:
         conn.close()
         os._exit(0)
@@ -69,7 +72,7 @@ def run_distributed(fn, world_size: int = 2, args: tuple = (), timeout: float = 
         remaining = max(0.1, (deadline - datetime.datetime.now()).total_seconds())
         if c.poll(remaining):
             try:
-                status, payload = c.recv()
+                status, payload = pickle.loads(c.recv_bytes())
             except EOFError:
                 status, payload = "error", f"rank {rank} exited without a result (exit code {p.exitcode})"
         else:
