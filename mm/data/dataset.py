@@ -103,6 +103,8 @@ class VideoTextDataset(Dataset):
                 skipped.append({"index": current, "path": e.path, "reason": e.reason, "detail": e.detail})
                 if e.detail != "known bad":
                     logger.warning("bad sample %d skipped (%s): %s", current, e.reason, e)
+                    # remembered in this worker; the replacement chain does not depend on it
+                    self.known_bad[current] = e.reason
                 nxt = self.replacement(i, attempt, tried)
                 if nxt is None:
                     break
