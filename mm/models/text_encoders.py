@@ -15,6 +15,9 @@ Both are loaded from local directories in the Hugging Face layout users already 
 under ``no_grad`` with autocast off, whatever the denoiser's precision. A frozen encoder refuses
 ``train(True)``: keep it outside the module tree the trainer switches to training mode.
 
+The data pipeline tokenises in its workers without loading any weights: :func:`load_t5_tokenizer`,
+:func:`load_clip_tokenizer` and :func:`tokenize` are the same code the encoders' ``tokenize`` uses.
+
 Inputs may carry extra leading dims: ids ``[B, 1, L]`` (the collate layout, §8.5) give ``[B, 1, L, C]``
 (T5) and ``[B, 1, P]`` (CLIP), matching the shapes the denoiser consumes.
 """
@@ -35,6 +38,9 @@ logger = logging.getLogger(__name__)
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
 _T5_TOKENIZER_FILES = (("tokenizer.json",), ("spiece.model",))
 _CLIP_TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+T5_MAX_LENGTH = 512
+CLIP_MAX_LENGTH = 77
 
 
 def _check_model_dir(directory: Path, what: str) -> None:
@@ -78,6 +84,40 @@ def _check_max_length(max_length: int, limit: int | None, what: str) -> None:
         raise ValueError(f"{what} max_length must be in {bound}, got {max_length}")
 
 
+def load_t5_tokenizer(directory: str | Path):
+    """The T5 tokenizer (``AutoTokenizer``) from a local directory, checked first for its files."""
+    from transformers import AutoTokenizer
+
+    _check_tokenizer_dir(Path(directory), "T5", _T5_TOKENIZER_FILES)
+    return AutoTokenizer.from_pretrained(Path(directory), local_files_only=True)
+
+
+def load_clip_tokenizer(directory: str | Path):
+    """The CLIP tokenizer (``AutoTokenizer``) from a local directory, checked first for its files."""
+    from transformers import AutoTokenizer
+
+    _check_tokenizer_dir(Path(directory), "CLIP", _CLIP_TOKENIZER_FILES)
+    return AutoTokenizer.from_pretrained(Path(directory), local_files_only=True)
+
+
+def tokenize(tokenizer, texts: Sequence[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Texts -> ``(ids [B, L] long, mask [B, L] long)``, L = ``max_length``: special tokens added
+    (T5: EOS; CLIP: BOS/EOS), truncated, padded to ``max_length`` (spec §5, §8.4)."""
+    if isinstance(texts, str):
+        raise ValueError("tokenize expects a list of strings, got a single str")
+    _check_max_length(max_length, None, "tokenizer")
+    out = tokenizer(
+        list(texts),
+        max_length=max_length,
+        padding="max_length",
+        truncation=True,
+        add_special_tokens=True,
+        return_attention_mask=True,
+        return_tensors="pt",
+    )
+    return out["input_ids"].long(), out["attention_mask"].long()
+
+
 def _freeze(model: nn.Module) -> nn.Module:
     model.requires_grad_(False)
     return model.eval()
@@ -109,19 +149,8 @@ class _FrozenTextEncoder(nn.Module):
         return super().train(False)
 
     def tokenize(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Texts -> ``(ids [B, L] long, mask [B, L] long)``, L = ``max_length`` (padded, truncated, specials added)."""
-        if isinstance(texts, str):
-            raise ValueError("tokenize expects a list of strings, got a single str")
-        out = self.tokenizer(
-            list(texts),
-            max_length=self.max_length,
-            padding="max_length",
-            truncation=True,
-            add_special_tokens=True,
-            return_attention_mask=True,
-            return_tensors="pt",
-        )
-        return out["input_ids"].long(), out["attention_mask"].long()
+        """Texts -> ``(ids [B, L] long, mask [B, L] long)``, L = ``max_length`` (see :func:`tokenize`)."""
+        return tokenize(self.tokenizer, texts, self.max_length)
 
     def _flatten(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if ids.dim() < 2:
@@ -138,20 +167,18 @@ class T5TextEncoder(_FrozenTextEncoder):
         directory: str | Path,
         *,
         dtype: torch.dtype = torch.bfloat16,
-        max_length: int = 512,
+        max_length: int = T5_MAX_LENGTH,
         device: torch.device | str | None = None,
         tokenizer_directory: str | Path | None = None,
     ) -> "T5TextEncoder":
         """Load from a local HF directory (e.g. a ``google/t5-v1_1-xl`` snapshot; a full encoder-decoder
         checkpoint is fine, the decoder weights are skipped). ``tokenizer_directory`` defaults to ``directory``."""
-        from transformers import AutoTokenizer, T5EncoderModel
+        from transformers import T5EncoderModel
 
         directory = Path(directory)
-        tok_dir = Path(tokenizer_directory) if tokenizer_directory is not None else directory
         _check_model_dir(directory, "T5")
-        _check_tokenizer_dir(tok_dir, "T5", _T5_TOKENIZER_FILES)
         _check_max_length(max_length, None, "T5")
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = load_t5_tokenizer(tokenizer_directory if tokenizer_directory is not None else directory)
         model = T5EncoderModel.from_pretrained(directory, dtype=dtype, local_files_only=True)
         if device is not None:
             model = model.to(device)
@@ -188,19 +215,17 @@ class CLIPTextEncoder(_FrozenTextEncoder):
         directory: str | Path,
         *,
         dtype: torch.dtype = torch.bfloat16,
-        max_length: int = 77,
+        max_length: int = CLIP_MAX_LENGTH,
         device: torch.device | str | None = None,
         tokenizer_directory: str | Path | None = None,
     ) -> "CLIPTextEncoder":
         """Load from a local HF directory (e.g. a ``laion/CLIP-ViT-bigG-14-laion2B-39B-b160k`` snapshot; a full
         CLIP config/checkpoint is fine, only the text tower and projection are read)."""
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+        from transformers import CLIPTextModelWithProjection
 
         directory = Path(directory)
-        tok_dir = Path(tokenizer_directory) if tokenizer_directory is not None else directory
         _check_model_dir(directory, "CLIP")
-        _check_tokenizer_dir(tok_dir, "CLIP", _CLIP_TOKENIZER_FILES)
-        tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
+        tokenizer = load_clip_tokenizer(tokenizer_directory if tokenizer_directory is not None else directory)
         model = CLIPTextModelWithProjection.from_pretrained(directory, dtype=dtype, local_files_only=True)
         _check_max_length(max_length, model.config.max_position_embeddings, "CLIP")
         if device is not None:

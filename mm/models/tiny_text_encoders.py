@@ -107,9 +107,16 @@ def write_tiny_t5(
     spiece.write_bytes(sp_model.getvalue())
     # add_prefix_space makes the fast tokenizer prepend "▁" to the first word, as the slow one and the
     # released t5-v1_1 tokenizer do.
-    tokenizer = T5TokenizerFast(
-        vocab_file=str(spiece), extra_ids=0, model_max_length=512, legacy=False, add_prefix_space=True
-    )
+    # (transformers logs a warning that this forces a slow->fast conversion; that is the intent here.)
+    t5_fast_logger = logging.getLogger("transformers.models.t5.tokenization_t5_fast")
+    level = t5_fast_logger.level
+    t5_fast_logger.setLevel(logging.ERROR)
+    try:
+        tokenizer = T5TokenizerFast(
+            vocab_file=str(spiece), extra_ids=0, model_max_length=512, legacy=False, add_prefix_space=True
+        )
+    finally:
+        t5_fast_logger.setLevel(level)
     tokenizer.save_pretrained(out)
 
     config = T5Config(

@@ -8,7 +8,8 @@ import shutil
 import pytest
 import torch
 
-from mm.models.text_encoders import CLIPTextEncoder, T5TextEncoder
+from mm.models import CLIPTextEncoder, T5TextEncoder
+from mm.models.text_encoders import load_clip_tokenizer, load_t5_tokenizer, tokenize
 from mm.models.tiny_text_encoders import write_tiny_clip, write_tiny_t5
 
 COLOURS = "red green blue yellow white black orange purple".split()
@@ -96,6 +97,22 @@ def test_vocabularies_cover_demo_captions(t5, clip):
     # Corpus words are whole tokens in the tiny CLIP BPE: BOS + 5 words + EOS.
     tokens = clip.tokenizer.convert_ids_to_tokens(clip_ids[1, :7].tolist())
     assert tokens == ["<|startoftext|>", "a</w>", "white</w>", "square</w>", "moving</w>", "down</w>", "<|endoftext|>"]
+
+
+def test_weightless_tokenizers_match_encoders(tmp_path, dirs, t5, clip):
+    """The data pipeline tokenises without loading weights; ids must equal the encoders' own."""
+    ids, mask = tokenize(load_t5_tokenizer(dirs[0]), PROMPTS, 512)
+    ref = t5.tokenize(PROMPTS)
+    assert torch.equal(ids, ref[0]) and torch.equal(mask, ref[1])
+    ids, mask = tokenize(load_clip_tokenizer(dirs[1]), PROMPTS, 77)
+    ref = clip.tokenize(PROMPTS)
+    assert torch.equal(ids, ref[0]) and torch.equal(mask, ref[1])
+    with pytest.raises(ValueError, match="single str"):
+        tokenize(t5.tokenizer, "a red square", 512)
+    with pytest.raises(FileNotFoundError, match="spiece.model"):
+        load_t5_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="merges.txt"):
+        load_clip_tokenizer(tmp_path)
 
 
 def test_frozen_and_eval(t5, clip):
