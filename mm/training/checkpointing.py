@@ -1,0 +1,183 @@
+"""Training checkpoints with megatron ``dist_checkpointing`` (torch_dist), written atomically.
+
+Layout under ``--save``::
+
+    iter_0000004/                 one complete checkpoint (dist_checkpointing files + common state)
+      rng/rank_00000.pt           per-rank RNG states (restored only at the same world size)
+    iter_0000006.tmp/             a save in progress (or one that crashed): never loaded
+    latest_checkpointed_iteration.txt   written last, atomically (tmp file + rename)
+
+A save goes to ``iter_N.tmp`` on all ranks, then rank 0 renames it to ``iter_N``, updates the pointer
+and prunes to the last ``keep_last`` checkpoints. A crash anywhere before the rename leaves the previous
+checkpoint as the latest. The model and the distributed optimizer are saved in megatron's
+``fully_reshardable`` format, so a checkpoint loads at another TP or DP size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+LATEST = "latest_checkpointed_iteration.txt"
+OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+
+
+def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def model_sharded_state_dict(module: torch.nn.Module, prefix: str = "", metadata: dict | None = None) -> dict:
+    """Sharded state dict of a plain ``nn.Module`` tree that contains megatron TP layers.
+
+    Modules with their own ``sharded_state_dict`` (megatron layers) describe their TP sharding;
+    everything else is replicated over TP and DP.
+    """
+    from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    if hasattr(module, "sharded_state_dict"):
+        return module.sharded_state_dict(prefix=prefix, metadata=metadata)
+    own: dict[str, Any] = {}
+    module._save_to_state_dict(own, "", keep_vars=True)
+    from megatron.core import parallel_state
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    out = {}
+    if own:
+        out = dict(make_sharded_tensors_for_checkpoint(own, prefix, tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"]))
+    for name, child in module.named_children():
+        out.update(model_sharded_state_dict(child, f"{prefix}{name}.", metadata))
+    return out
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def latest_iteration(root: str | os.PathLike) -> int | None:
+    """Iteration of the latest *complete* checkpoint under ``root`` (None if there is none)."""
+    root = Path(root)
+    ptr = root / LATEST
+    if ptr.is_file():
+        text = ptr.read_text().strip()
+        if not text.isdigit():
+            raise ValueError(f"corrupt checkpoint pointer {ptr}: {text!r} is not an iteration number")
+        it = int(text)
+        if iter_dir(root, it).is_dir():
+            return it
+        logger.warning("checkpoint pointer %s names a missing iter_%07d; scanning %s", ptr, it, root)
+    its = sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir())
+    return its[-1] if its else None
+
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Module, optimizer,
+                    common: dict, keep_last: int = 3) -> Path:
+    """Save model + optimizer (sharded) and ``common`` (plain picklable state, from rank 0)."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    final = iter_dir(root, iteration)
+    tmp = final.with_name(final.name + ".tmp")
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        (tmp / "rng").mkdir(parents=True)
+    _barrier()
+    model_sd = model_sharded_state_dict(model)
+    sharded = {"model": model_sd, "common": common}
+    if optimizer is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPT_META)
+    dist_checkpointing.save(sharded, str(tmp), content_metadata={"world_size": _world(), **OPT_META})
+    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    _barrier()
+    if _rank() == 0:
+        if final.exists():  # a re-save of the same iteration replaces it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        ptr_tmp = root / (LATEST + ".tmp")
+        ptr_tmp.write_text(f"{iteration}\n")
+        os.replace(ptr_tmp, root / LATEST)
+        _prune(root, keep_last)
+    _barrier()
+    logger.info("saved checkpoint %s", final)
+    return final
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    its = sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir())
+    for it in its[:-keep_last]:
+        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+
+
+def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, iteration: int | None = None,
+                    load_rng: bool = True) -> tuple[int, dict]:
+    """Load the latest complete checkpoint (or ``iteration``) into model + optimizer.
+
+    Returns ``(iteration, common)``. Works at another TP or DP size than the save.
+    """
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no complete checkpoint (iter_NNNNNNN/) under {root}")
+    ckpt = iter_dir(root, iteration)
+    if not ckpt.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+    model_sd = model_sharded_state_dict(model)
+    request = {"model": model_sd}
+    if optimizer is not None:
+        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_META)
+    common_sd = dist_checkpointing.load_common_state_dict(str(ckpt))
+    loaded = dist_checkpointing.load(request, str(ckpt))
+    missing, unexpected = model.load_state_dict(_strip_extra(loaded["model"], model), strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
+    saved_world = len(list((ckpt / "rng").glob("rank_*.pt")))
+    if load_rng and saved_world == _world() and rng_file.is_file():
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+    elif load_rng:
+        logger.warning("checkpoint saved with %d ranks, now %d: RNG states not restored", saved_world, _world())
+    logger.info("loaded checkpoint %s", ckpt)
+    return iteration, common_sd.get("common", {})
+
+
+def _strip_extra(state: dict, model: torch.nn.Module) -> dict:
+    """Keep ``_extra_state`` only where the model has such an entry."""
+    expected = set(model.state_dict().keys())
+    return {k: v for k, v in state.items() if not k.endswith("_extra_state") or k in expected}
