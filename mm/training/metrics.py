@@ -1,0 +1,58 @@
+"""Analytic FLOP count of the SUV denoiser (accounts for Skiparse sparsity), throughput and MFU.
+
+Matmul FLOPs = 2·m·n·k. Per block with ``Lv`` video and ``Lt`` text tokens, width ``D``, FFN ``4D``:
+
+* projections: q/k/v + out for both streams: ``2·4·(Lv+Lt)·D²``;
+* FFNs (``double_ff``: one per stream, no sharing): ``2·2·(Lv+Lt)·D·4D``;
+* joint attention with sparsity ``k``: ``k`` sub-batches of ``Lv'/k + Lt`` tokens (``Lv'`` = Lv padded to a
+  multiple of k²) each: ``QKᵀ`` and ``PV`` = ``2·2·k·(Lv'/k + Lt)²·D``;
+* adaLN GEMMs: ``2·2·Dt·6D`` per sample (tiny).
+
+Training counts forward + backward = 3 x forward (recomputation is not counted: model FLOPs, not
+hardware FLOPs). Peak FLOP/s for MFU come from ``--peak-tflops`` or a table of known accelerators.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# dense bf16 peak TFLOP/s per device
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "910B": 313.0}
+
+
+@dataclass(frozen=True)
+class SUVShape:
+    num_layers: tuple[int, ...]
+    sparse_n: tuple[int, ...]
+    hidden: int
+    timestep_dim: int
+    patch_size: int = 2
+    patch_size_t: int = 1
+
+
+def suv_forward_flops(shape: SUVShape, latent_thw: tuple[int, int, int], text_len: int, batch: int = 1) -> float:
+    t, h, w = latent_thw
+    lv = (t // shape.patch_size_t) * (h // shape.patch_size) * (w // shape.patch_size)
+    d, lt = shape.hidden, text_len
+    total = 0.0
+    for n_blocks, k in zip(shape.num_layers, shape.sparse_n):
+        lv_pad = math.ceil(lv / (k * k)) * k * k
+        per_block = (
+            2 * 4 * (lv + lt) * d * d
+            + 2 * 2 * (lv + lt) * d * 4 * d
+            + 2 * 2 * k * (lv_pad / k + lt) ** 2 * d
+            + 2 * 2 * shape.timestep_dim * 6 * d
+        )
+        total += n_blocks * per_block
+    return batch * total
+
+
+def train_flops(shape: SUVShape, latent_thw, text_len: int, batch: int) -> float:
+    return 3.0 * suv_forward_flops(shape, latent_thw, text_len, batch)
+
+
+def mfu(flops: float, seconds: float, num_devices: int, peak_tflops: float | None) -> float | None:
+    if not peak_tflops or seconds <= 0:
+        return None
+    return flops / seconds / (num_devices * peak_tflops * 1e12)
