@@ -99,9 +99,30 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return its[-1] if its else None
 
 
+def _with_data(sharded: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
+    """The model's sharded state dict re-keyed under ``prefix`` with other tensors of the same layout."""
+    from dataclasses import replace
+
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+
+    out = {}
+    for k, v in sharded.items():
+        if isinstance(v, ShardedTensor):
+            if k not in tensors:
+                raise KeyError(f"no EMA tensor for parameter {k!r}")
+            out[prefix + k] = replace(v, key=prefix + v.key, data=tensors[k])
+        elif isinstance(v, ShardedObject):
+            out[prefix + k] = replace(v, key=prefix + v.key)
+    return out
+
+
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Module, optimizer,
-                    common: dict, keep_last: int = 3) -> Path:
-    """Save model + optimizer (sharded) and ``common`` (plain picklable state, from rank 0)."""
+                    common: dict, keep_last: int = 3, ema_weights: dict[str, torch.Tensor] | None = None) -> Path:
+    """Save model + optimizer (sharded) and ``common`` (plain picklable state, from rank 0).
+
+    ``ema_weights`` (model-space EMA, e.g. ``ema_adamw.ema_model_state_dict``) are stored as a second
+    model under ``ema_model.`` so inference can load them without building an optimizer.
+    """
     from megatron.core import dist_checkpointing
 
     root = Path(root)
@@ -115,6 +136,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
     _barrier()
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd, "common": common}
+    if ema_weights is not None:
+        sharded["ema_model"] = _with_data(model_sd, "ema_model.", ema_weights)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPT_META)
     dist_checkpointing.save(sharded, str(tmp), content_metadata={"world_size": _world(), **OPT_META})
@@ -140,10 +163,11 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, iteration: int | None = None,
-                    load_rng: bool = True) -> tuple[int, dict]:
+                    load_rng: bool = True, use_ema: bool = False) -> tuple[int, dict]:
     """Load the latest complete checkpoint (or ``iteration``) into model + optimizer.
 
-    Returns ``(iteration, common)``. Works at another TP or DP size than the save.
+    Returns ``(iteration, common)``. Works at another TP or DP size than the save. ``use_ema`` loads
+    the EMA weights into the model instead (inference; pass ``optimizer=None``).
     """
     from megatron.core import dist_checkpointing
 
@@ -156,12 +180,21 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, 
     if not ckpt.is_dir():
         raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
     model_sd = model_sharded_state_dict(model)
-    request = {"model": model_sd}
+    key = "ema_model" if use_ema else "model"
+    if use_ema:
+        if optimizer is not None:
+            raise ValueError("use_ema loads EMA weights for inference; pass optimizer=None")
+        request = {key: _with_data(model_sd, "ema_model.", {k: v.data for k, v in model_sd.items() if hasattr(v, "data")})}
+    else:
+        request = {key: model_sd}
     if optimizer is not None:
         request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPT_META)
     common_sd = dist_checkpointing.load_common_state_dict(str(ckpt))
     loaded = dist_checkpointing.load(request, str(ckpt))
-    missing, unexpected = model.load_state_dict(_strip_extra(loaded["model"], model), strict=False)
+    state = loaded[key]
+    if use_ema:
+        state = {k[len("ema_model."):]: v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(_strip_extra(state, model), strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise ValueError(f"checkpoint {ckpt} does not match the model: missing {missing}, unexpected {unexpected}")

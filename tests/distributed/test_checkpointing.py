@@ -76,10 +76,31 @@ def _save_tp2(rank, world, root):
     st = init_parallel(ParallelConfig(tensor_model_parallel_size=2))
     model, ddp, opt = _train_objects(2)
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
+    from mm.training.ema_adamw import ema_model_state_dict
+
     _step(model, ddp, opt, x)
-    ck.save_checkpoint(root, 1, model, opt, {"iteration": 1, "note": "tp2"})
+    ema = ema_model_state_dict(opt, model)
+    ck.save_checkpoint(root, 1, model, opt, {"iteration": 1, "note": "tp2"}, ema_weights=ema)
+    ema_full = _full_weights(_Holder(model, ema), st.tp_group)
     _step(model, ddp, opt, x)  # the uninterrupted continuation
-    return _full_weights(model, st.tp_group)
+    return _full_weights(model, st.tp_group), ema_full
+
+
+class _Holder(torch.nn.Module):
+    """Parameters of ``model`` replaced by ``tensors`` (same TP attributes), for gathering."""
+
+    def __init__(self, model, tensors):
+        super().__init__()
+        self.items = []
+        for name, p in model.named_parameters():
+            q = torch.nn.Parameter(tensors[name].clone())
+            for a in ("tensor_model_parallel", "partition_dim"):
+                if hasattr(p, a):
+                    setattr(q, a, getattr(p, a))
+            self.items.append((name, q))
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self.items)
 
 
 def _load_tp1_dp2(rank, world, root):
@@ -96,9 +117,22 @@ def _load_tp1_dp2(rank, world, root):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def _load_ema_tp1(rank, world, root):
+    from mm.config import ParallelConfig
+    from mm.distributed.init import init_parallel
+
+    init_parallel(ParallelConfig())
+    _, model = _toy(1, seed=7)
+    ck.load_checkpoint(root, model, None, use_ema=True, load_rng=False)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
 def test_save_tp2_resume_tp1_dp2_matches_uninterrupted(tmp_path):
     root = str(tmp_path / "ckpt")
-    ref = run_distributed(_save_tp2, 2, args=(root,), timeout=120)[0]
+    ref, ema = run_distributed(_save_tp2, 2, args=(root,), timeout=120)[0]
+    loaded_ema = run_distributed(_load_ema_tp1, 1, args=(root,), timeout=60)[0]
+    for n in ema:
+        torch.testing.assert_close(loaded_ema[n], ema[n], rtol=0, atol=0)
     assert ck.latest_iteration(root) == 1
     got = run_distributed(_load_tp1_dp2, 2, args=(root,), timeout=120)[0]
     # same global batch on both layouts (DP ranks see the same x), so one more step must agree
