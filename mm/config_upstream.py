@@ -166,10 +166,10 @@ class ModelSpec:
     def vae_config(self):
         from mm.models.wfvae import WFVAEConfig
 
-        return WFVAEConfig.from_upstream(self.ae)
+        return WFVAEConfig.from_upstream_dict(self.ae)
 
     def suv_config(self):
-        from mm.models.sparse_ummdit import SUVConfig
+        from mm.models.suv_config import SUVConfig
 
         return SUVConfig.from_upstream(self.predictor)
 
