@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from mm.data.collate import Collator
 from mm.data.config import DataConfig
 from mm.data.dataset import VideoTextDataset
+from mm.data.feature_cache import FeatureCache, FeatureCollator, FeatureDataset
 from mm.data.index import DataIndex, build_index
 from mm.data.sampler import GroupedDistributedSampler
 from mm.data.text import TextProcessor, caption_cleaner, load_tokenizer
@@ -123,11 +124,17 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
 
     ``global_batch_size`` defaults to ``batch_size × num_replicas × gradient_accumulation_size``; with
     encoder-DP pass ``num_replicas = world`` and the real global batch ``DP × MBS × GA``.
-    ``dataset`` replaces the pixel dataset (e.g. the feature-cache dataset); it must expose
+    With ``cfg.load_video_features`` the batches come from the feature cache in ``cfg.feature_dir``
+    (``FeatureDataset`` / ``FeatureCollator``). ``dataset`` replaces the pixel dataset; it must expose
     ``shape_keys``.
     """
     if global_batch_size is None:
         global_batch_size = cfg.batch_size * num_replicas * cfg.gradient_accumulation_size
+    collate: Any = Collator(cfg.ae_stride, cfg.ae_stride_t, cfg.patch_size, cfg.patch_size_t)
+    if dataset is None and cfg.load_video_features:
+        text = None if cfg.load_text_features else build_text_processor(cfg, tokenizer, tokenizer_2)
+        dataset = FeatureDataset(FeatureCache(cfg.feature_dir, cfg), cfg, text)
+        collate = FeatureCollator()
     if dataset is None:
         index = index if index is not None else build_index(cfg)
         dataset = VideoTextDataset(index, cfg, build_text_processor(cfg, tokenizer, tokenizer_2))
@@ -140,5 +147,4 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers
-    return ResumableDataLoader(dataset, sampler, num_workers=workers, pin_memory=cfg.pin_memory,
-                               collate_fn=Collator(cfg.ae_stride, cfg.ae_stride_t, cfg.patch_size, cfg.patch_size_t))
+    return ResumableDataLoader(dataset, sampler, num_workers=workers, pin_memory=cfg.pin_memory, collate_fn=collate)
