@@ -1,0 +1,159 @@
+"""Joint video/text attention of one SUV block (``attn1``, spec §2.6, §2.7, §3.1, §3.2).
+
+Projections (megatron column-parallel q/k/v, row-parallel out-projections: TP splits whole heads),
+QK RMSNorm, 3-D RoPE on the video stream, skiparse regrouping of the video tokens into ``k`` extra batch
+entries with the text replicated ``k`` times, one ``mm.ops.attention`` call with a ``[B', Sk]`` key-padding
+mask (never an ``S x S`` mask), inverse regrouping and the mean of the ``k`` text outputs.
+
+Layouts: the block runs sequence-first ``[S, B, E]``; under sequence parallelism the block's inputs are
+sequence shards and the column-parallel projections all-gather the sequence, so attention always sees the
+full sequences with this rank's heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+import mm.ops
+from mm.distributed.tp_layers import TPContext, column_parallel, row_parallel
+from mm.models import skiparse
+from mm.models.layers import QKNorm
+
+
+@dataclass
+class AttentionContext:
+    """Per-forward inputs shared by every block: RoPE tables and the key-validity masks.
+
+    ``video_keep`` ``[B, Lv]`` / ``text_keep`` ``[B, Lt]`` bool (True = valid) or None (all valid). Key masks
+    are built once per (k, pattern) and cached for the rest of the forward.
+    """
+
+    cos: torch.Tensor  # [Lv, 1, 1, hd] fp32
+    sin: torch.Tensor
+    chunks: tuple[int, int, int]
+    video_len: int
+    text_len: int
+    video_keep: torch.Tensor | None = None
+    text_keep: torch.Tensor | None = None
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    def key_mask(self, k: int, group: bool, batch: int, device) -> torch.Tensor | None:
+        """``[k*B, L'/k + Lt]`` bool (True = attend), or None when every key is valid."""
+        if self.video_keep is None and self.text_keep is None and skiparse.padded_length(self.video_len, k) == self.video_len:
+            return None
+        key = (k, group if k > 1 else False)
+        if key not in self._masks:
+            v = self.video_keep
+            if v is None:
+                v = torch.ones(batch, self.video_len, dtype=torch.bool, device=device)
+            t = self.text_keep
+            if t is None:
+                t = torch.ones(batch, self.text_len, dtype=torch.bool, device=device)
+            self._masks[key] = skiparse.key_padding_mask(v, t, k, group)
+        return self._masks[key]
+
+
+def joint_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    qt: torch.Tensor | None,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    *,
+    sparse_k: int,
+    group: bool,
+    key_mask: torch.Tensor | None,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Skiparse joint attention.
+
+    video ``q, k, v`` ``[Lv, B, H, hd]``, text ``qt, kt, vt`` ``[Lt, B, H, hd]`` (``qt=None``: no text
+    queries, the text output is not needed) -> video out ``[Lv, B, H, hd]``, text out ``[Lt, B, H, hd]`` or None.
+    Per sub-batch the sequence is ``[video sub-sequence (L'/k) ; text (Lt)]``.
+    """
+    Lv, B = q.shape[:2]
+    Lt = kt.shape[0]
+
+    def replicate(t):  # [Lt, B, H, hd] -> [k*B, Lt, H, hd], batch index r*B + b (same order as the video)
+        t = t.transpose(0, 1)
+        return t if sparse_k == 1 else t.repeat(sparse_k, 1, 1, 1)
+
+    # [Lv, B, H, hd] -> [k*B, L'/k, H, hd]
+    qv, kv, vv = (skiparse.to_batch(x, sparse_k, group) for x in (q, k, v))
+    Lsub = qv.shape[1]
+    k_all = torch.cat([kv, replicate(kt)], dim=1)
+    v_all = torch.cat([vv, replicate(vt)], dim=1)
+    q_all = qv if qt is None else torch.cat([qv, replicate(qt)], dim=1)
+    out = mm.ops.attention(q_all, k_all, v_all, key_mask=key_mask, scale=scale)  # [k*B, Sq, H, hd]
+
+    out_v = skiparse.from_batch(out[:, :Lsub], sparse_k, group, Lv)  # [Lv, B, H, hd]
+    if qt is None:
+        return out_v, None
+    out_t = out[:, Lsub:]  # [k*B, Lt, H, hd]
+    if sparse_k > 1:  # mean over the k replicas of each sample (fp32)
+        out_t = out_t.reshape(sparse_k, B, Lt, *out_t.shape[2:]).float().mean(0).to(out.dtype)
+    return out_v, out_t.transpose(0, 1)
+
+
+class JointAttention(nn.Module):
+    """``attn1``. ``context_pre_only`` (the model's last block): the text output is unused, so
+    ``to_add_out`` is omitted and no text queries are computed; ``add_q_proj`` / ``norm_added_q`` are kept for
+    the released key space but frozen (they cannot receive a gradient)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, *, bias: bool, eps: float, dropout: float,
+                 tp: TPContext, config, context_pre_only: bool = False):
+        super().__init__()
+        if num_heads % tp.size:
+            raise ValueError(f"num_heads={num_heads} is not divisible by the TP size {tp.size}")
+        self.head_dim = head_dim
+        self.local_heads = num_heads // tp.size
+        self.context_pre_only = context_pre_only
+        dtype = config.params_dtype
+        # insertion order as upstream (irrelevant for loading)
+        self.norm_q = QKNorm(head_dim, eps, tp, dtype)
+        self.norm_k = QKNorm(head_dim, eps, tp, dtype)
+        self.to_q = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.to_k = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.to_v = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.add_k_proj = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.add_v_proj = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.add_q_proj = column_parallel(dim, dim, bias=bias, tp=tp, config=config)
+        self.to_out = nn.ModuleList([row_parallel(dim, dim, bias=True, tp=tp, config=config), nn.Dropout(dropout)])
+        self.to_add_out = None if context_pre_only else row_parallel(dim, dim, bias=True, tp=tp, config=config)
+        self.norm_added_q = QKNorm(head_dim, eps, tp, dtype)
+        self.norm_added_k = QKNorm(head_dim, eps, tp, dtype)
+        if context_pre_only:
+            for p in (*self.add_q_proj.parameters(), *self.norm_added_q.parameters()):
+                p.requires_grad_(False)
+
+    def _heads(self, linear: nn.Module, x_SBE: torch.Tensor) -> torch.Tensor:
+        out, _ = linear(x_SBE)  # [S, B, H_local*hd] (full sequence under SP)
+        return out.view(*out.shape[:2], self.local_heads, self.head_dim)
+
+    def forward(self, x_SBE: torch.Tensor, y_SBE: torch.Tensor, ctx: AttentionContext, sparse_k: int,
+                group: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """video ``[Sv, B, D]``, text ``[St, B, D]`` (sequence shards under SP) -> (video, text or None)."""
+        q = self.norm_q(self._heads(self.to_q, x_SBE))
+        k = self.norm_k(self._heads(self.to_k, x_SBE))
+        v = self._heads(self.to_v, x_SBE)
+        q = mm.ops.apply_rope(q, ctx.cos, ctx.sin, ctx.chunks)
+        k = mm.ops.apply_rope(k, ctx.cos, ctx.sin, ctx.chunks)
+        kt = self.norm_added_k(self._heads(self.add_k_proj, y_SBE))
+        vt = self._heads(self.add_v_proj, y_SBE)
+        qt = None if self.context_pre_only else self.norm_added_q(self._heads(self.add_q_proj, y_SBE))
+
+        B = q.shape[1]
+        mask = ctx.key_mask(sparse_k, group, B, q.device)
+        out_v, out_t = joint_attention(q, k, v, qt, kt, vt, sparse_k=sparse_k, group=group, key_mask=mask,
+                                       scale=self.head_dim ** -0.5)
+        # [L, B, H, hd] -> [L, B, H*hd]; row-parallel out-projections (reduce-scatter the sequence under SP)
+        a, _ = self.to_out[0](out_v.reshape(*out_v.shape[:2], -1))
+        a = self.to_out[1](a)
+        if out_t is None:
+            return a, None
+        at, _ = self.to_add_out(out_t.reshape(*out_t.shape[:2], -1))
+        return a, at

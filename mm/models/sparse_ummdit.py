@@ -1,0 +1,420 @@
+"""SUV: the Sparse U-shaped MMDiT denoiser of Open-Sora Plan v1.5 (spec §2, §3.2, §10).
+
+Patchify -> conditioning (timestep + pooled CLIP) and caption projection -> (SP scatter) -> encoder stages
+push long skips -> middle stage -> decoder stages pop and fuse them -> two-LayerNorm output head ->
+(SP gather) -> ``proj_out`` -> unpatchify. Everything between the scatter and the gather runs
+sequence-first ``[S, B, E]``.
+
+Parameter names are the released key space (§2.11): one key set for every TP size (the last block's dead
+text modules are omitted; they and megatron's ``_extra_state`` entries are dropped on load, every other
+key is strict). Tensor parallelism uses megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``
+(also at TP = 1); the TP group and the SP flag are handed in through a ``ParallelState``.
+
+Public API::
+
+    model = SparseUMMDiT.from_upstream(config, checkpoint=None, device=None)   # one process, fp32, eval
+    model = SparseUMMDiT(SUVConfig(...), parallel_state_or_None, params_dtype=torch.bfloat16)
+    out = model(latents, timestep, text_hidden, text_mask, pooled, video_mask=None)
+    load_upstream_state_dict(model, full_state_dict)        # full (TP-merged) dict -> this rank's shards
+    full = gather_upstream_state_dict(model)                 # this rank's shards -> full released key space
+    model.set_sparsity([1, 2, 4, 8, 4, 2, 1]); model.set_sparsity(dense=True)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mm.distributed.tp_layers import (
+    TPContext,
+    allreduce_sequence_parallel_grads,
+    build_megatron_config,
+    copy_to_tp,
+    gather_sequence,
+    mark_sequence_parallel,
+    scatter_sequence,
+)
+from mm.models.attention import AttentionContext
+from mm.models.layers import AdaNormOut, LayerNorm, PatchEmbed, TimestepTextEmbedding
+from mm.models.mmdit_block import SparseMMDiTBlock
+from mm.models.rope import rope_chunks, rope_tables
+from mm.models.suv_config import SUVConfig, released_suv_config, tiny_suv_config
+
+__all__ = [
+    "SUVConfig",
+    "SparseUMMDiT",
+    "released_suv_config",
+    "tiny_suv_config",
+    "tp_split_dim",
+    "normalize_upstream_state_dict",
+    "split_tp_state_dict",
+    "merge_tp_state_dicts",
+    "load_upstream_state_dict",
+    "gather_upstream_state_dict",
+    "load_upstream_checkpoint",
+    "allreduce_sequence_parallel_grads",
+]
+
+EXTRA_STATE_SUFFIX = "_extra_state"
+# Modules of the last block that upstream instantiates only at TP > 1 and never uses (spec §2.7, §12.2).
+DEAD_LAST_BLOCK_MODULES = ("attn1.to_add_out.", "norm2.norm_enc.", "ff_enc.")
+
+# TP split rules of the released key space (spec §10.1): key suffix -> split dim.
+_COLUMN_SUFFIXES = tuple(
+    f"attn1.{m}.{p}" for m in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")
+    for p in ("weight", "bias")
+) + ("net.0.proj.weight", "net.0.proj.bias", ".linear.weight", ".linear.bias")
+_ROW_SUFFIXES = ("attn1.to_out.0.weight", "attn1.to_add_out.weight", "net.2.weight")
+
+
+class SparseUMMDiT(nn.Module):
+    """The SUV denoiser. ``parallel=None`` builds a TP = 1 model that needs no process group.
+
+    ``model.config`` is the megatron ``TransformerConfig`` (what megatron DDP / ``finalize_model_grads``
+    read); ``model.suv_config`` the :class:`SUVConfig`. Under SP, replicated parameters fed by sequence
+    shards carry ``sequence_parallel = True``; QK-norm weights reduce their grads inside autograd.
+    """
+
+    def __init__(self, config: SUVConfig, parallel=None, params_dtype: torch.dtype = torch.float32, *,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        from mm.ops import current_backend
+
+        current_backend()  # megatron must be patched (cpu/npu) before it is imported
+        if not isinstance(config, SUVConfig):
+            raise ValueError(f"config must be an SUVConfig, got {type(config).__name__} (use SUVConfig.from_upstream)")
+        self.suv_config = cfg = config
+        self.tp = tp = TPContext.from_parallel_state(parallel)
+        cfg.validate_tp(tp.size)
+        device = torch.device(device) if device is not None else None
+        on_meta = device is not None and device.type == "meta"
+        self.config = build_megatron_config(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
+                                            num_layers=cfg.num_blocks, tp=tp, params_dtype=params_dtype,
+                                            perform_initialization=not on_meta)
+        self.params_dtype = params_dtype
+        with torch.device("meta") if on_meta else torch.device("cpu"):
+            self._build(cfg, tp, params_dtype)
+        if device is not None and not on_meta and device.type != "cpu":
+            self.to(device)
+        self.set_sparsity()
+        self._rope_cache: dict = {}
+        self.register_state_dict_post_hook(_drop_extra_state_hook)
+
+    def _build(self, cfg: SUVConfig, tp: TPContext, dtype: torch.dtype) -> None:
+        D, Dt, eps = cfg.hidden_size, cfg.timestep_embed_dim, cfg.norm_eps
+        p = cfg.patch_size
+        self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
+        self.time_text_embed = TimestepTextEmbedding(Dt, cfg.pooled_projection_dim, dtype=dtype)
+        self.caption_projection = nn.Linear(cfg.caption_channels, D, dtype=dtype)
+        last = (cfg.num_stages - 1, cfg.num_layers[-1] - 1)
+        self.transformer_blocks = nn.ModuleList(
+            nn.ModuleList(
+                SparseMMDiTBlock(cfg, tp, self.config, group_skip=i % 2 == 1, context_pre_only=(s, i) == last)
+                for i in range(n)
+            )
+            for s, n in enumerate(cfg.num_layers)
+        )
+        num_skips = cfg.num_stages // 2
+        self.skip_norm_linear = nn.ModuleList(self._skip_module(cfg, dtype) for _ in range(num_skips))
+        self.skip_norm_linear_enc = nn.ModuleList(self._skip_module(cfg, dtype) for _ in range(num_skips))
+        self.norm_final = LayerNorm(D, eps, dtype=dtype)
+        self.norm_out = AdaNormOut(D, Dt, eps, tp, self.config)
+        self.proj_out = nn.Linear(D, cfg.patch_size_t * p * p * cfg.out_channels, dtype=dtype)
+        # Replicated modules that see sequence shards under SP: TP-sum their grads.
+        for m in (*self.skip_norm_linear, *self.skip_norm_linear_enc, self.norm_final, self.norm_out.norm):
+            mark_sequence_parallel(m, tp)
+
+    @staticmethod
+    def _skip_module(cfg: SUVConfig, dtype) -> nn.Sequential:
+        """Long-skip merge ``[x ; x_skip] (2D) -> D``: ``.0`` Identity (zero-init) or LayerNorm(2D), ``.1`` Linear."""
+        D = cfg.hidden_size
+        linear = nn.Linear(2 * D, D, dtype=dtype)
+        if cfg.skip_connection_zero_init:
+            with torch.no_grad():  # [I | 0], bias 0: identity on the current stream at init
+                linear.weight.zero_()
+                linear.weight[:, :D].copy_(torch.eye(D, dtype=dtype))
+                linear.bias.zero_()
+            return nn.Sequential(nn.Identity(), linear)
+        return nn.Sequential(LayerNorm(2 * D, cfg.norm_eps, dtype=dtype), linear)
+
+    # ------------------------------------------------------------------ run-time sparsity
+    def set_sparsity(self, sparse_n: Sequence[int] | None = None, *, dense: bool = False) -> None:
+        """Per-stage skiparse k, changeable between calls (weights untouched). ``None`` restores the config
+        (all 1 if ``sparse1d`` is off); ``dense=True`` makes every stage dense."""
+        cfg = self.suv_config
+        if dense:
+            sparse_n = [1] * cfg.num_stages
+        elif sparse_n is None:
+            sparse_n = cfg.effective_sparse_n()
+        sparse_n = list(sparse_n)
+        if len(sparse_n) != cfg.num_stages or not all(isinstance(k, int) and k >= 1 for k in sparse_n):
+            raise ValueError(f"invalid sparsity sparse_n={sparse_n!r}: allowed {cfg.num_stages} integers >= 1")
+        for stage, k in zip(self.transformer_blocks, sparse_n):
+            for block in stage:
+                block.sparse_k = k
+        self.sparse_n = sparse_n
+
+    # ------------------------------------------------------------------ forward
+    def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, str(device))
+        if key not in self._rope_cache:
+            cfg = self.suv_config
+            scale = (cfg.interpolation_scale_t, cfg.interpolation_scale_h, cfg.interpolation_scale_w)
+            cos, sin = rope_tables(grid, cfg.head_dim, scale, device=device)
+            # [Lv, hd] -> [Lv, 1, 1, hd] (broadcast over batch and heads)
+            self._rope_cache = {key: (cos[:, None, None], sin[:, None, None])}
+        return self._rope_cache[key]
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text_hidden: torch.Tensor,
+        text_mask: torch.Tensor,
+        pooled: torch.Tensor,
+        video_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """latents ``(B, C, t, h, w)``, timestep ``(B,)`` = 1000*sigma, text_hidden ``(B, L, C_text)``,
+        text_mask ``(B, L)`` in {0, 1}, pooled ``(B, P)``, video_mask ``(B, t, h, w)`` in {0, 1} or None
+        (all valid) -> velocity ``(B, C_out, t, h, w)`` in the dtype of ``latents``.
+        Upstream's extra singleton dims (``(B,1,L,C)``, ``(B,1,L)``, ``(B,1,P)``) are accepted."""
+        cfg, tp = self.suv_config, self.tp
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be (B, C, t, h, w), got shape {tuple(latents.shape)}")
+        if text_hidden.dim() == 4:
+            text_hidden = text_hidden.squeeze(1)
+        if text_mask.dim() == 3:
+            text_mask = text_mask.squeeze(1)
+        if pooled.dim() == 3:
+            pooled = pooled.squeeze(1)
+        B, _, T, H, W = latents.shape
+        p = cfg.patch_size
+        if H % p or W % p:
+            raise ValueError(f"latent height/width {H}x{W} must be divisible by patch_size={p}")
+        grid = (T, H // p, W // p)
+        Lv, Lt = T * grid[1] * grid[2], text_hidden.shape[1]
+        if tp.sequence_parallel and (Lv % tp.size or Lt % tp.size):
+            raise ValueError(f"sequence parallel needs video tokens ({Lv}) and text tokens ({Lt}) divisible by "
+                             f"the TP size {tp.size}")
+
+        # key validity masks (None = all valid)
+        video_keep = None
+        if video_mask is not None:
+            vm = F.max_pool3d(video_mask.float()[:, None], kernel_size=(1, p, p), stride=(1, p, p))
+            video_keep = vm.reshape(B, Lv) > 0  # (B, t, hp, wp) flattened like the tokens
+            video_keep = None if bool(video_keep.all()) else video_keep
+        text_keep = text_mask.reshape(B, Lt).bool()
+        text_keep = None if bool(text_keep.all()) else text_keep
+
+        dtype = self.params_dtype
+        x = self.patch_embed(latents)  # [Lv, B, D]
+        c = self.time_text_embed(timestep, pooled)  # [B, Dt] fp32
+        # SiLU(c) feeds every adaLN GEMM; its grad is TP-summed once here (each rank owns different rows).
+        cond = copy_to_tp(F.silu(c), tp)
+        y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt, B, D]
+        x, y = scatter_sequence(x, tp), scatter_sequence(y, tp)  # SP: this rank's sequence chunk
+
+        cos, sin = self._rope(grid, x.device)
+        ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lv, text_len=Lt,
+                               video_keep=video_keep, text_keep=text_keep)
+        mid = cfg.num_stages // 2
+        skips = []
+        for s, stage in enumerate(self.transformer_blocks):
+            if s > mid:  # decoder: fuse the mirrored encoder stage's output (stage mid+j+1 <-> mid-j-1)
+                j = s - mid - 1
+                xs, ys = skips.pop()
+                x = self.skip_norm_linear[j](torch.cat([x, xs], dim=-1))
+                y = self.skip_norm_linear_enc[j](torch.cat([y, ys], dim=-1))
+            for block in stage:
+                x, y = block(x, y, cond, ctx)
+            if s < mid:
+                skips.append((x, y))
+
+        x = self.norm_out(self.norm_final(x), cond)  # two LayerNorms in a row, as released
+        x = gather_sequence(x, tp)  # [Lv, B, D]
+        x = self.proj_out(x)  # [Lv, B, pt*p*p*C]
+        return self._unpatchify(x, B, grid).to(latents.dtype)
+
+    def _unpatchify(self, x: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
+        """``[t*hp*wp, B, (o a b c)] -> (B, C, t*pt, hp*p, wp*p)`` with channel fastest in the features."""
+        cfg = self.suv_config
+        t, hp, wp = grid
+        p, pt, C = cfg.patch_size, cfg.patch_size_t, cfg.out_channels
+        x = x.reshape(t, hp, wp, B, pt, p, p, C)
+        x = x.permute(3, 7, 0, 4, 1, 5, 2, 6)  # [B, C, t, pt, hp, a, wp, b]
+        return x.reshape(B, C, t * pt, hp * p, wp * p)
+
+    # ------------------------------------------------------------------ state dict (released key space)
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load this rank's tensors in the released key space. ``_extra_state`` entries and the last block's
+        dead text modules are dropped; any other missing/unexpected key or shape mismatch raises
+        ``RuntimeError`` naming it (with ``strict``). For a full (TP-merged) dict on a TP > 1 model use
+        :func:`load_upstream_state_dict`."""
+        sd = normalize_upstream_state_dict(state_dict, self.suv_config)
+        own = self.state_dict()
+        missing = sorted(set(own) - set(sd))
+        unexpected = sorted(set(sd) - set(own))
+        problems = []
+        if strict and missing:
+            problems.append(f"missing keys: {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys: {unexpected}")
+        mism = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in sorted(set(own) & set(sd)) if tuple(sd[k].shape) != tuple(own[k].shape)]
+        if mism:
+            problems.append(f"shape mismatches (TP size {self.tp.size}): {mism}")
+        if problems:
+            raise RuntimeError("SUV state dict does not match the model: " + "; ".join(problems))
+        return super().load_state_dict(sd, strict=strict, assign=assign)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None) -> dict:
+        """megatron ``dist_checkpointing`` view: TP-sharded tensors for the megatron linears (their own
+        method), replicated ShardedTensors for everything else. Needs real process groups (``parallel``)."""
+        from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+        from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        out: dict = {}
+        for name, module in self.named_modules():
+            mprefix = f"{prefix}{name}." if name else prefix
+            if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
+                out.update(module.sharded_state_dict(prefix=mprefix, sharded_offsets=sharded_offsets, metadata=metadata))
+            elif any(True for _ in module.parameters(recurse=False)):
+                local = {n: p for n, p in module.named_parameters(recurse=False)}
+                out.update(make_sharded_tensors_for_checkpoint(local, mprefix, {}, sharded_offsets,
+                                                               tp_group=self.tp.group, dp_cp_group=metadata["dp_cp_group"]))
+        return out
+
+    # ------------------------------------------------------------------ construction from upstream
+    @classmethod
+    def from_upstream(
+        cls,
+        config: str | os.PathLike | Mapping[str, Any] | SUVConfig,
+        checkpoint: str | os.PathLike | None = None,
+        device: torch.device | str | None = None,
+    ) -> "SparseUMMDiT":
+        """One-process fp32 model in eval mode from an upstream model JSON (or predictor dict) and an
+        optional flat, TP-merged predictor state dict (``model.pt`` / ``model_ema.pt`` / ``.safetensors``).
+
+        No process group is needed (TP = 1 megatron linears run on a stand-in group). ``device="meta"``
+        builds without allocating (with a checkpoint: allocated on the CPU and loaded). With a checkpoint
+        the model is built on the meta device and materialised once, so no random init is spent.
+        """
+        cfg = config if isinstance(config, SUVConfig) else SUVConfig.from_upstream(config)
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        if checkpoint is None:
+            model = cls(cfg, None, torch.float32, device=device)
+        else:
+            state = load_upstream_checkpoint(checkpoint)
+            model = cls(cfg, None, torch.float32, device="meta")
+            model.to_empty(device="cpu" if device.type == "meta" else device)
+            model.load_state_dict(state)
+        return model.eval()
+
+
+def _drop_extra_state_hook(module, state_dict, prefix, local_metadata) -> None:
+    """``state_dict()`` returns exactly the released key space (megatron's ``_extra_state`` is always None)."""
+    for key in [k for k in state_dict if k.startswith(prefix) and k.endswith(EXTRA_STATE_SUFFIX)]:
+        del state_dict[key]
+
+
+# ---------------------------------------------------------------------------------------- key space + TP
+def tp_split_dim(key: str) -> int | None:
+    """TP split dim of a released key (spec §10.1): 0 column-parallel, 1 row-parallel weight, None replicated."""
+    if key.endswith(_ROW_SUFFIXES):
+        return 1
+    if key.endswith(_COLUMN_SUFFIXES):
+        return 0
+    return None
+
+
+def _dead_prefixes(cfg: SUVConfig) -> tuple[str, ...]:
+    last = f"transformer_blocks.{cfg.num_stages - 1}.{cfg.num_layers[-1] - 1}."
+    return tuple(last + m for m in DEAD_LAST_BLOCK_MODULES)
+
+
+def normalize_upstream_state_dict(state_dict: Mapping[str, Any], cfg: SUVConfig) -> dict[str, torch.Tensor]:
+    """Drop ``*_extra_state`` entries and the last block's dead text tensors (present in TP > 1 trained
+    checkpoints); everything else is passed through. Non-tensor values elsewhere raise."""
+    dead = _dead_prefixes(cfg)
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith(EXTRA_STATE_SUFFIX) or key.startswith(dead):
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise RuntimeError(f"state dict entry {key!r} is a {type(value).__name__}, expected a tensor")
+        out[key] = value
+    return out
+
+
+def split_tp_state_dict(state_dict: Mapping[str, torch.Tensor], tp_size: int, tp_rank: int) -> dict[str, torch.Tensor]:
+    """Full released-key-space dict -> the tensors of TP rank ``tp_rank`` (equal contiguous chunks along the
+    §10.1 dims). Pure function (no model, no process group)."""
+    out = {}
+    for key, value in state_dict.items():
+        dim = tp_split_dim(key) if isinstance(value, torch.Tensor) else None
+        if dim is None or tp_size == 1:
+            out[key] = value
+            continue
+        if value.shape[dim] % tp_size:
+            raise ValueError(f"{key}: dim {dim} of shape {tuple(value.shape)} is not divisible by TP size {tp_size}")
+        out[key] = value.chunk(tp_size, dim=dim)[tp_rank]
+    return out
+
+
+def merge_tp_state_dicts(shards: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Inverse of :func:`split_tp_state_dict` (rank order): concatenate split keys, take replicated ones from
+    rank 0 (they are identical). Non-tensor entries are kept from rank 0."""
+    out = {}
+    for key, value in shards[0].items():
+        dim = tp_split_dim(key) if isinstance(value, torch.Tensor) else None
+        out[key] = value if dim is None else torch.cat([s[key] for s in shards], dim=dim)
+    return out
+
+
+def load_upstream_state_dict(model: SparseUMMDiT, state_dict: Mapping[str, Any], strict: bool = True):
+    """Load a full (TP-merged) released-key-space dict into a possibly TP-sharded model (this rank's slices)."""
+    sd = normalize_upstream_state_dict(state_dict, model.suv_config)
+    return model.load_state_dict(split_tp_state_dict(sd, model.tp.size, model.tp.rank), strict=strict)
+
+
+def gather_upstream_state_dict(model: SparseUMMDiT, *, grads: bool = False) -> dict[str, torch.Tensor]:
+    """All-gather a TP-sharded model into the full released key space (every rank gets the whole dict).
+    ``grads=True`` gathers ``.grad`` instead (keys whose grad is None are left out). Collective over the TP group."""
+    tp = model.tp
+    out = {}
+    for key, param in model.named_parameters():
+        t = param.grad if grads else param.detach()
+        if t is None:
+            continue
+        dim = tp_split_dim(key)
+        if dim is not None and tp.size > 1:
+            parts = [torch.empty_like(t) for _ in range(tp.size)]
+            dist.all_gather(parts, t.contiguous(), group=tp.group)
+            t = torch.cat(parts, dim=dim)
+        out[key] = t if dim is not None and tp.size > 1 else t.clone()
+    return out
+
+
+def load_upstream_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a flat predictor state dict (``torch.save`` file or ``.safetensors``) onto the CPU. A dict
+    wrapped under ``model`` / ``ema_model`` / ``state_dict`` / ``module`` is unwrapped."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path, device="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    while isinstance(state, Mapping) and "patch_embed.proj.weight" not in state:
+        for wrapper in ("model", "ema_model", "state_dict", "module"):
+            if isinstance(state.get(wrapper), Mapping):
+                state = state[wrapper]
+                break
+        else:
+            raise RuntimeError(f"{path}: no SUV predictor state dict found (top-level keys {list(state)[:10]})")
+    return dict(state)
