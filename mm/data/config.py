@@ -8,8 +8,8 @@
 Path rules (documented in the README):
 
 * relative paths inside a ``data.json`` (``data_path``, ``data_folder``, tokenizer ``from_pretrained``,
-  ``feature_dir``) resolve against the directory holding the JSON file; a tokenizer entry that does not
-  exist on disk after resolution is kept verbatim (it may be a hub id);
+  ``feature_dir``) resolve against the directory holding the JSON file; a tokenizer entry is resolved
+  the same way when it exists there or starts with ``./``/``../``, otherwise kept verbatim (a hub id);
 * relative roots and annotation files inside a ``data.txt`` resolve against the ``data.txt`` directory
   (see ``mm/data/annotations.py``).
 
@@ -225,10 +225,13 @@ def _resolve(path: str, base_dir: str) -> str:
 
 
 def _resolve_tokenizer(path: str | None, base_dir: str) -> str | None:
+    """Resolve against the JSON directory when the entry exists there or is explicitly relative
+    (``./``, ``../``); otherwise keep it verbatim (it may be a hub id such as ``org/name``)."""
     if not path:
         return None
     candidate = _resolve(path, base_dir)
-    return candidate if os.path.exists(candidate) else path
+    explicit = path.startswith(("./", "../", ".\\", "..\\"))
+    return candidate if explicit or os.path.exists(candidate) else path
 
 
 # upstream key -> DataConfig field, per JSON section

@@ -187,6 +187,9 @@ def test_released_data_json():
     assert cfg.min_hxw == cfg.max_hxw == 589824 and cfg.gradient_accumulation_size == 4
     assert cfg.data_path.endswith("examples/opensoraplan1.5/data.txt")  # relative to the JSON directory
     assert cfg.tokenizer_path == "pretrained/t5-v1_1-xl"  # not on disk: kept verbatim
+    tiny = load_data_config("examples/tiny/data.json")
+    assert tiny.tokenizer_path.endswith("/data/tiny/text_encoders/t5")  # "../" entries always resolve
+    assert tiny.data_path.endswith("/data/tiny/data.txt") and not tiny.data_path.startswith("..")
     assert cfg.cfg == 0.1 and cfg.enable_text_preprocess and cfg.patch_size == 2
 
 
