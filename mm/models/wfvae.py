@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mm.models.vae_spatial_tiling import blend_spatial_tiles
+from mm.models.vae_spatial_tiling import SpatialTile, TileBlender, plan_tiles
 from mm.models.vae_streaming import Stream, TemporalCache, decoder_chunks, encoder_chunks
 from mm.models.wfvae_coders import RGB, Decoder, Encoder
 
@@ -85,10 +85,11 @@ class WFVAEConfig:
     use_tiling: bool = True
     encode_chunk_frames: int = 8
     decode_chunk_latents: int = 4
-    # spatial tiling (approximate, beyond upstream): tile and overlap in pixels
+    # spatial tiling (beyond upstream): tile and overlap in pixels; 3/8 of 256 px covers the released
+    # decoder's 82 px receptive radius, so the defaults are exact (mm.models.vae_spatial_tiling)
     use_spatial_tiling: bool = False
-    spatial_tile_size: int = 256
-    spatial_tile_overlap: int = 64
+    spatial_tile_size: int = 512
+    spatial_tile_overlap: int = 256
 
     def __post_init__(self) -> None:
         for name in (
@@ -368,12 +369,7 @@ class WFVAE(nn.Module):
         """
         _check_tensor("video", video, RGB)
         _check_video_size(*video.shape[2:])
-        x = video.to(device=self.device, dtype=self.dtype)
-        if self._tiles_spatially(x.shape[-2:]):
-            size, overlap = self.config.spatial_tile_size, self.config.spatial_tile_overlap
-            moments = blend_spatial_tiles(x, self._encode_moments, size, overlap, scale=(1, SCALE_FACTOR[1]))
-        else:
-            moments = self._encode_moments(x)
+        moments = self._encode_moments(video.to(device=self.device, dtype=self.dtype))
         mean, logvar = moments.chunk(2, dim=1)  # [B, latent, t, h, w] each
         z = mean
         if sample:
@@ -383,12 +379,25 @@ class WFVAE(nn.Module):
         return (z - _per_channel(self.latent_shift)) * _per_channel(self.latent_scale)
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
-        """Encoder output (mean ‖ logvar), streamed in temporal chunks when ``use_tiling``."""
-        if not self.use_tiling:
-            return self.encoder(x)
-        stream = Stream(TemporalCache())
-        chunks = encoder_chunks(x.shape[2], self.config.encode_chunk_frames)
-        return torch.cat([self.encoder(x[:, :, start:end], stream) for start, end in chunks], dim=2)
+        """Encoder output (mean ‖ logvar), streamed in temporal chunks / spatial tiles when enabled."""
+        num_frames, height, width = x.shape[2:]
+        chunks = encoder_chunks(num_frames, self.config.encode_chunk_frames) if self.use_tiling else [(0, num_frames)]
+        tiles = self._spatial_tiles(height // SCALE_FACTOR[1], width // SCALE_FACTOR[2])
+        # one stream for the latent part (and the local part when untiled), one per spatial tile
+        streams = [Stream(TemporalCache()) if self.use_tiling else None for _ in range(1 + len(tiles))]
+        moments = []
+        for start, end in chunks:
+            frames = x[:, :, start:end]
+            if not tiles:
+                h = self.encoder.forward_local(frames, streams[0])
+            else:
+                blender = TileBlender(height // SCALE_FACTOR[1], width // SCALE_FACTOR[2], self._latent_overlap, 1)
+                for tile, stream in zip(tiles, streams[1:]):
+                    rows, cols = tile.slices(SCALE_FACTOR[1])
+                    blender.add(tile, self.encoder.forward_local(frames[..., rows, cols], stream))
+                h = blender.result()
+            moments.append(self.encoder.forward_latent(h, streams[0]))
+        return torch.cat(moments, dim=2)
 
     # ---------------------------------------------------------------- decode
 
@@ -398,33 +407,48 @@ class WFVAE(nn.Module):
         _check_tensor("latents", z, self.config.latent_dim)
         z = z.to(device=self.device, dtype=self.dtype)
         z = z / _per_channel(self.latent_scale) + _per_channel(self.latent_shift)
-        latent_tile = self.config.spatial_tile_size // SCALE_FACTOR[1]
-        if self.use_spatial_tiling and max(z.shape[-2:]) > latent_tile:
-            overlap = self.config.spatial_tile_overlap // SCALE_FACTOR[1]
-            return blend_spatial_tiles(z, self._decode_frames, latent_tile, overlap, scale=(SCALE_FACTOR[1], 1))
         return self._decode_frames(z)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder output, streamed in latent chunks with one look-ahead latent when ``use_tiling``."""
-        if not self.use_tiling:
-            return self.decoder(z)
+        """Decoder output, streamed in latent chunks (one look-ahead latent) / spatial tiles when enabled."""
         batch, _, num_latents, height, width = z.shape
         frames = (num_latents - 1) * SCALE_FACTOR[0] + 1
-        out = None
-        stream_cache = TemporalCache()
+        if self.use_tiling:
+            chunks = decoder_chunks(num_latents, self.config.decode_chunk_latents)
+        else:
+            chunks = [(0, num_latents, 0)]
+        tiles = self._spatial_tiles(height, width)
+        caches = [TemporalCache() for _ in range(1 + len(tiles))] if self.use_tiling else None
+        out = z.new_empty(batch, RGB, frames, height * SCALE_FACTOR[1], width * SCALE_FACTOR[2])
         written = 0
-        for start, end, lookahead in decoder_chunks(num_latents, self.config.decode_chunk_latents):
-            chunk = self.decoder(z[:, :, start : end + lookahead], Stream(stream_cache, lookahead))
-            chunk = chunk[:, :, : chunk.shape[2] - SCALE_FACTOR[0] * lookahead]  # drop look-ahead frames
-            if out is None:
-                out = chunk.new_empty(batch, chunk.shape[1], frames, *chunk.shape[3:])
-            out[:, :, written : written + chunk.shape[2]] = chunk
-            written += chunk.shape[2]
+        for start, end, lookahead in chunks:
+            streams = [Stream(cache, lookahead) for cache in caches] if caches else [None] * (1 + len(tiles))
+            h, l2 = self.decoder.forward_latent(z[:, :, start : end + lookahead], streams[0])
+            if not tiles:
+                chunk = self.decoder.forward_local(h, l2, streams[0])
+            else:
+                blender = TileBlender(height, width, self._latent_overlap, SCALE_FACTOR[1])
+                for tile, stream in zip(tiles, streams[1:]):
+                    h_tile = h[(..., *tile.slices(1))]
+                    l2_tile = l2[(..., *tile.slices(2))]  # the level-2 band is at 2x latent resolution
+                    blender.add(tile, self.decoder.forward_local(h_tile, l2_tile, stream))
+                chunk = blender.result()
+            keep = chunk.shape[2] - SCALE_FACTOR[0] * lookahead  # drop the look-ahead latent's frames
+            out[:, :, written : written + keep] = chunk[:, :, :keep]
+            written += keep
         assert written == frames, (written, frames)
         return out
 
-    def _tiles_spatially(self, size: torch.Size) -> bool:
-        return self.use_spatial_tiling and max(size) > self.config.spatial_tile_size
+    @property
+    def _latent_overlap(self) -> int:
+        return self.config.spatial_tile_overlap // SCALE_FACTOR[1]
+
+    def _spatial_tiles(self, height: int, width: int) -> list[SpatialTile]:
+        """Tiles of a latent grid, or ``[]`` when spatial tiling is off or the grid fits one tile."""
+        tile = self.config.spatial_tile_size // SCALE_FACTOR[1]
+        if not self.use_spatial_tiling or max(height, width) <= tile:
+            return []
+        return plan_tiles(height, width, tile, self._latent_overlap)
 
 
 def _per_channel(values: torch.Tensor) -> torch.Tensor:

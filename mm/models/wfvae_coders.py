@@ -6,9 +6,12 @@ predict level-2 and level-1 coefficients, each inverse transform is added into t
 finer level, and the final coefficients are inverse-transformed to pixels. Stage containers are
 ``nn.ModuleList`` so keys read ``encoder.down1.0.weight`` etc. exactly as in the release (spec §4.8).
 
-Shapes below are for the released config (base 160, energy flow 128, latent 32) and a
-(B, 3, 121, 576, 1024) video; the forward passes take an optional ``Stream`` for exact temporal
-chunking (``mm.models.vae_streaming``).
+Both networks are split into a spatially *local* part (wavelets and convolutions only, at the
+resolutions above the latent grid) and a *latent* part (the latent-resolution blocks with the mid
+attention over the whole frame): spatial tiling (``mm.models.vae_spatial_tiling``) tiles only the local
+part. Shapes below are for the released config (base 160, energy flow 128, latent 32) and a
+(B, 3, 121, 576, 1024) video; every forward takes an optional ``Stream`` for exact temporal chunking
+(``mm.models.vae_streaming``).
 """
 
 from __future__ import annotations
@@ -84,6 +87,10 @@ class Encoder(nn.Module):
         self.wavelet_transform_l2 = HaarWaveletTransform3D()
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return self.forward_latent(self.forward_local(x, stream), stream)
+
+    def forward_local(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """The spatially local part (wavelets and convolutions down to latent resolution; tileable)."""
         coeffs = self.wavelet_transform_in(x, stream)  # [B, 24, 61, 288, 512]
         l1_coeffs = self.wavelet_transform_l1(coeffs[:, :RGB], stream)  # [B, 24, 31, 144, 256], LLL band again
         l2_coeffs = self.wavelet_transform_l2(l1_coeffs[:, :RGB], stream)  # [B, 24, 16, 72, 128]
@@ -91,7 +98,10 @@ class Encoder(nn.Module):
         h, _ = _run(self.down1, coeffs, stream)  # [B, 160, 31, 144, 256]
         h = torch.cat([h, self.connect_l1(l1_coeffs)], dim=1)  # [B, 288, 31, 144, 256]
         h, _ = _run(self.down2, h, stream)  # [B, 320, 16, 72, 128]
-        h = torch.cat([h, self.connect_l2(l2_coeffs)], dim=1)  # [B, 448, 16, 72, 128]
+        return torch.cat([h, self.connect_l2(l2_coeffs)], dim=1)  # [B, 448, 16, 72, 128]
+
+    def forward_latent(self, h: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """The latent-resolution part: mid blocks (attention over the whole frame) and output head."""
         h, _ = _run(self.mid, h, stream)  # [B, 640, 16, 72, 128]
         return self.conv_out(F.silu(self.norm_out(h)), stream)  # [B, 64, 16, 72, 128]
 
@@ -142,14 +152,25 @@ class Decoder(nn.Module):
         self.inverse_wavelet_transform_l2 = InverseHaarWaveletTransform3D()
 
     def forward(self, z: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        return self.forward_local(*self.forward_latent(z, stream), stream)
+
+    def forward_latent(self, z: torch.Tensor, stream: Stream | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent-resolution part (mid attention over the whole frame) and the level-2 branch.
+
+        Returns the trunk features and the reconstructed level-2 low band (3 channels, 2x resolution).
+        """
         ef = self.energy_flow_hidden_size
         h = self.conv_in(z, stream)  # [B, 640, 16, 72, 128]
         h, _ = _run(self.mid, h, stream)  # [B, 768, 16, 72, 128]
         l2_coeffs, _ = _run(self.connect_l2, h[:, -ef:], stream)  # [B, 24, 16, 72, 128]
         # upstream applies the module named "..._l1" to the level-2 path (identical transforms, spec §4.5)
         l2 = self.inverse_wavelet_transform_l1(l2_coeffs, stream)  # [B, 3, 31, 144, 256]
+        return h[:, :-ef], l2
 
-        h, stream2 = _run(self.up2, h[:, :-ef], stream)  # [B, 768, 31, 144, 256]
+    def forward_local(self, h: torch.Tensor, l2: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
+        """The spatially local part (upsampling convolutions and wavelets to pixels; tileable)."""
+        ef = self.energy_flow_hidden_size
+        h, stream2 = _run(self.up2, h, stream)  # [B, 768, 31, 144, 256]
         l1_coeffs, _ = _run(self.connect_l1, h[:, -ef:], stream2)  # [B, 24, 31, 144, 256]
         l1_coeffs = torch.cat([l1_coeffs[:, :RGB] + l2, l1_coeffs[:, RGB:]], dim=1)  # low band into LLL slot
         l1 = self.inverse_wavelet_transform_l2(l1_coeffs, stream2)  # [B, 3, 61, 288, 512]
