@@ -4,11 +4,14 @@ P1, P4 and P5 act only when the *calling frame* is a ``megatron.*`` module, so p
 hard-codes CUDA still fails on the CPU CI (which keeps the code base portable to NPU). Each patch has a
 test in ``tests/unit/test_megatron_patches.py`` that disables it and shows megatron failing, so an
 upgrade that fixes one upstream is noticed.
+
+Deliberately not patched (the same test file checks these stay harmless): ``torch.cuda.empty_cache``
+(already a no-op while CUDA is uninitialised), ``torch.cuda.stream`` (accepts the null stream below) and
+``nn.Module.cuda`` (megatron.core never moves modules).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import logging
@@ -297,7 +300,6 @@ PATCHES: list[Patch] = [
     Patch("cuda_device.synchronize", "torch.cuda:synchronize", _noop_builder,
           "synchronize after batch_isend_irecv / before async save; CPU work is synchronous"),
     Patch("cuda_device.set_device", "torch.cuda:set_device", _noop_builder, "no device to bind"),
-    Patch("cuda_device.empty_cache", "torch.cuda:empty_cache", _noop_builder, "no device cache"),
     Patch("cuda_streams.Stream", "torch.cuda:Stream", lambda orig: _NullStream,
           "grad-sync overlap creates side streams"),
     Patch("cuda_streams.Event", "torch.cuda:Event", lambda orig: _NullEvent, "stream events"),
@@ -305,8 +307,6 @@ PATCHES: list[Patch] = [
           "param_and_grad_buffer.start_grad_sync always calls current_stream()"),
     Patch("cuda_streams.default_stream", "torch.cuda:default_stream", lambda orig: (lambda device=None: _NULL_STREAM),
           "stream bookkeeping"),
-    Patch("cuda_streams.stream", "torch.cuda:stream", lambda orig: (lambda s=None: contextlib.nullcontext()),
-          "`with torch.cuda.stream(...)` blocks"),
     Patch("cuda_rng.get_rng_state", "torch.cuda:get_rng_state", lambda orig: (lambda device="cuda": torch.get_rng_state()),
           "model_parallel_cuda_manual_seed / tracker save 'the CUDA generator'; on CPU it is the CPU one"),
     Patch("cuda_rng.set_rng_state", "torch.cuda:set_rng_state",
@@ -320,7 +320,6 @@ PATCHES: list[Patch] = [
     *[_factory_patch(n) for n in _FACTORIES],
     Patch("cuda_literals.Tensor.cuda", "torch:Tensor.cuda", _self_when_megatron,
           "distrib_optimizer calls .cuda() on gathered state"),
-    Patch("cuda_literals.Module.cuda", "torch.nn:Module.cuda", _self_when_megatron, "module placement"),
     Patch("legacy_type_names", "torch:Tensor.type", _legacy_type,
           "distrib_optimizer/optimizer/clip_grads compare `param.type()` to 'torch.cuda.*Tensor' and raise"),
     Patch("torch_norm_sp", "megatron.core.transformer.torch_norm:WrappedTorchNorm.__new__", _sp_aware_norm_new,
