@@ -51,6 +51,7 @@ MODEL_KEYS = {
     "weight_dtype": "dtype of the DiT and text encoders",
     "load_video_features": "train from cached VAE latents (mm.data.extract_features)",
     "load_text_features": "train from cached T5/CLIP features",
+    "enable_encoder_dp": "encoder data parallelism: each TP x CP rank encodes a different sample (spec §7.3)",
     "frames": "ignored: informational (the data JSON decides the frame count)",
     "allow_tf32": "ignored: we keep TF32 off for reproducible numerics",
     "allow_internal_format": "ignored: NPU-only switch",
@@ -155,6 +156,7 @@ class ModelSpec:
     ae_dtype: str = "fp32"
     load_video_features: bool = False
     load_text_features: bool = False
+    enable_encoder_dp: bool = False
     ae_checkpoint: str | None = None
     predictor_checkpoint: str | None = None
     source: str | None = None
@@ -230,6 +232,7 @@ def _model_fields(cfg: dict, base: Path | None) -> dict:
         ae_dtype=ae.get("dtype", "fp32"),
         load_video_features=bool(cfg.get("load_video_features", False)),
         load_text_features=bool(cfg.get("load_text_features", False)),
+        enable_encoder_dp=bool(cfg.get("enable_encoder_dp", False)),
         ae_checkpoint=resolve_path(ae.get("from_pretrained"), base),
         predictor_checkpoint=resolve_path(pred.get("from_pretrained"), base),
     )
@@ -272,9 +275,9 @@ def load_inference_json(path_or_dict: str | os.PathLike | dict) -> InferenceSpec
 
 def load_data_config(path: str | os.PathLike):
     """Parse an upstream data JSON (or a bare data.txt) into ``mm.data.config.DataConfig``."""
-    from mm.data.config import DataConfig
+    from mm.data.config import load_data_config as load
 
-    return DataConfig.from_upstream(path)
+    return load(path)
 
 
 def _load(path_or_dict) -> tuple[dict, Path | None, str | None]:
@@ -308,6 +311,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Ulysses CP size")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel over the TP group")
+    g.add_argument("--encoder-dp", action="store_true",
+                   help="encoder data parallelism: each TP x CP rank encodes a different sample and the group "
+                        "shares the features (also: enable_encoder_dp in the model JSON)")
     g.add_argument("--backend", default=None, choices=["auto", "cpu", "cuda", "npu"],
                    help="kernel/device backend (default $MM_BACKEND or auto)")
     g = parser.add_argument_group("batch and schedule")
@@ -368,6 +374,7 @@ def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel,
+        encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),
     )
     dp = parallel.data_parallel_size(world_size)
     gbs = args.global_batch_size or args.micro_batch_size * dp

@@ -8,6 +8,8 @@ Colour is the dominant visual factor on purpose (a tiny model trained on this da
 Writes ``DIR/videos/clip_XXXXX.mp4``, ``DIR/annotation.json`` (upstream record format, §8.1) and
 ``DIR/data.txt`` containing ``.,annotation.json`` — relative entries in a data.txt resolve against the
 data.txt's own directory, so the dataset works from any working directory and can be moved.
+Unless ``--no-text-encoders``, it also writes tiny real T5 + CLIP text encoders (tokenizers learned from
+the captions) under ``DIR/text_encoders/{t5,clip}``: what ``examples/tiny`` loads, so nothing is downloaded.
 Output is deterministic for a given ``--seed`` and arguments.
 """
 
@@ -138,6 +140,30 @@ def write_dataset(out: str, num: int = 16, frames: int = 17, height: int = 64, w
     return data_txt
 
 
+def caption_corpus() -> list[str]:
+    """Every caption the generator can write, plus the prompt/negative-prompt templates of inference."""
+    corpus = []
+    for c, s, d in itertools.product(COLORS, SHAPES, DIRECTIONS):
+        corpus += ClipSpec(c, s, d).captions
+    corpus.append("high quality, worst quality, normal quality, low quality, low res, blurry, artifacts, grainy, "
+                  "watermark, banner, cropped, out of frame, out of focus, bad anatomy, bad proportions, deformed, "
+                  "disconnected limbs, disfigured, username, error, sketch, duplicate, ugly, monochrome, horror, "
+                  "geometry, mutation, disgusting, overexposed, underexposed.")
+    return corpus
+
+
+def write_text_encoders(out: str, seed: int = 0) -> str:
+    """Tiny, real T5 + CLIP (tokenizers learned from the captions, random weights) under ``out/text_encoders``:
+    what the tiny preset loads instead of the 3B/700M released encoders (no downloads)."""
+    from mm.models.tiny_text_encoders import write_tiny_clip, write_tiny_t5
+
+    root = os.path.join(out, "text_encoders")
+    write_tiny_t5(os.path.join(root, "t5"), caption_corpus(), seed=seed)
+    write_tiny_clip(os.path.join(root, "clip"), caption_corpus(), seed=seed)
+    logger.info("wrote tiny T5 and CLIP text encoders to %s", root)
+    return root
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m mm.data.synthetic", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output directory (created)")
@@ -147,12 +173,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=64, help="frame width, even (default 64)")
     p.add_argument("--fps", type=int, default=24, help="frames per second (default 24)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-text-encoders", action="store_true",
+                   help="do not write the tiny T5/CLIP under OUT/text_encoders (the tiny preset needs them)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = write_dataset(a.out, a.num, a.frames, a.height, a.width, a.fps, a.seed)
     except ValueError as e:
         p.error(str(e))
+    if not a.no_text_encoders:
+        write_text_encoders(a.out, a.seed)
     print(path)
     return 0
 

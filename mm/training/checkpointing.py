@@ -10,7 +10,8 @@ Layout under ``--save``::
 A save goes to ``iter_N.tmp`` on all ranks, then rank 0 renames it to ``iter_N``, updates the pointer
 and prunes to the last ``keep_last`` checkpoints. A crash anywhere before the rename leaves the previous
 checkpoint as the latest. The model and the distributed optimizer are saved in megatron's
-``fully_reshardable`` format, so a checkpoint loads at another TP or DP size.
+``fully_reshardable`` format, so a checkpoint loads at another TP or DP size. Explicit generators
+(noise, posterior sampling) are saved per rank next to the global RNG states.
 """
 
 from __future__ import annotations
@@ -61,13 +62,17 @@ def model_sharded_state_dict(module: torch.nn.Module, prefix: str = "", metadata
     return out
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "torch": torch.get_rng_state()}
+def _rng_state(generators: dict[str, torch.Generator] | None) -> dict:
+    return {"python": random.getstate(), "torch": torch.get_rng_state(),
+            "generators": {k: g.get_state() for k, g in (generators or {}).items()}}
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, generators: dict[str, torch.Generator] | None) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
+    for k, g in (generators or {}).items():
+        if k in state["generators"]:
+            g.set_state(state["generators"][k])
 
 
 def _barrier() -> None:
@@ -117,7 +122,8 @@ def _with_data(sharded: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> 
 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Module, optimizer,
-                    common: dict, keep_last: int = 3, ema_weights: dict[str, torch.Tensor] | None = None) -> Path:
+                    common: dict, keep_last: int = 3, ema_weights: dict[str, torch.Tensor] | None = None,
+                    generators: dict[str, torch.Generator] | None = None) -> Path:
     """Save model + optimizer (sharded) and ``common`` (plain picklable state, from rank 0).
 
     ``ema_weights`` (model-space EMA, e.g. ``ema_adamw.ema_model_state_dict``) are stored as a second
@@ -132,7 +138,7 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
         root.mkdir(parents=True, exist_ok=True)
         if tmp.exists():
             shutil.rmtree(tmp)
-        (tmp / "rng").mkdir(parents=True)
+        tmp.mkdir(parents=True)  # empty: megatron refuses to write into a non-empty directory quietly
     _barrier()
     model_sd = model_sharded_state_dict(model)
     sharded = {"model": model_sd, "common": common}
@@ -141,7 +147,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPT_META)
     dist_checkpointing.save(sharded, str(tmp), content_metadata={"world_size": _world(), **OPT_META})
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(generators), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
     if _rank() == 0:
         if final.exists():  # a re-save of the same iteration replaces it
@@ -152,7 +159,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
         os.replace(ptr_tmp, root / LATEST)
         _prune(root, keep_last)
     _barrier()
-    logger.info("saved checkpoint %s", final)
+    if _rank() == 0:
+        logger.info("saved checkpoint %s", final)
     return final
 
 
@@ -163,7 +171,8 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, iteration: int | None = None,
-                    load_rng: bool = True, use_ema: bool = False) -> tuple[int, dict]:
+                    load_rng: bool = True, use_ema: bool = False,
+                    generators: dict[str, torch.Generator] | None = None) -> tuple[int, dict]:
     """Load the latest complete checkpoint (or ``iteration``) into model + optimizer.
 
     Returns ``(iteration, common)``. Works at another TP or DP size than the save. ``use_ema`` loads
@@ -203,10 +212,11 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, 
     rng_file = ckpt / "rng" / f"rank_{_rank():05d}.pt"
     saved_world = len(list((ckpt / "rng").glob("rank_*.pt")))
     if load_rng and saved_world == _world() and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        _set_rng_state(torch.load(rng_file, weights_only=False), generators)
     elif load_rng:
         logger.warning("checkpoint saved with %d ranks, now %d: RNG states not restored", saved_world, _world())
-    logger.info("loaded checkpoint %s", ckpt)
+    if _rank() == 0:
+        logger.info("loaded checkpoint %s", ckpt)
     return iteration, common_sd.get("common", {})
 
 

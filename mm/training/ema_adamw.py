@@ -136,8 +136,6 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
                 pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
             for model_p, main_p in pairs:
                 found[model_p] = opt.optimizer.state[main_p][EMA_KEY].float().reshape(-1)
-    out = {}
-    for name, p in model.named_parameters():
-        if p in found:
-            out[name] = found[p].view(p.shape).to(p.dtype)
-    return out
+    # parameters the optimizer does not own (frozen ones) have a constant EMA: themselves
+    return {name: found[p].view(p.shape).to(p.dtype) if p in found else p.detach().clone()
+            for name, p in model.named_parameters()}

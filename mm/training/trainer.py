@@ -1,0 +1,357 @@
+"""The training loop on megatron-core components (spec §7): our loop, megatron's pieces.
+
+megatron provides the parallel state, DDP (fp32 grad buffers), the (distributed, ZeRO-1) optimizer,
+the micro-batch schedule (``get_forward_backward_func``) and the LR scheduler; this module composes
+them with the frozen encoders, flow matching, EMA-AdamW, adaptive clipping, recompute, encoder-DP,
+atomic checkpoints and logging.
+
+One optimizer step: ``num_microbatches`` forward/backward passes (megatron schedule; grads accumulate
+in DDP buffers and are reduced by ``finalize_model_grads``) -> ``prepare_grads`` -> global grad norm ->
+adaptive clipping decision (update / clip / skip) -> inner EMA-AdamW step -> LR step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import psutil
+import torch
+import torch.distributed as dist
+
+from mm.builders import build_suv, build_text_encoders, build_vae
+from mm.config import RunConfig
+from mm.config_upstream import ModelSpec
+from mm.data.config import DataConfig
+from mm.diffusion.flow_matching import dynamic_shift, flow_matching_loss, q_sample, velocity_target
+from mm.distributed.encoder_dp import EncoderDPFeatures
+from mm.distributed.init import ParallelState, init_parallel
+from mm.distributed.parallelize import apply_recompute, wrap_ddp
+from mm.ops import current_backend
+from mm.training import checkpointing as ckpt
+from mm.training.clipping import AdaptiveGradClipper
+from mm.training.ema_adamw import ema_model_state_dict, make_ema_optimizer
+from mm.training.frozen import Features, FrozenEncoders
+from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, train_flops
+
+logger = logging.getLogger("mm.train")
+
+
+@dataclass
+class StepResult:
+    iteration: int
+    loss: float
+    grad_norm: float
+    action: str
+    lr: float
+    step_time: float
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class Trainer:
+    """Builds everything from (model spec, data config, run config) and trains."""
+
+    def __init__(self, spec: ModelSpec, data_cfg: DataConfig, run: RunConfig, *, tensorboard_dir: str | None = None,
+                 peak_tflops: float | None = None, data_num_workers: int | None = None):
+        self.spec, self.data_cfg, self.run = spec, data_cfg, run
+        t0 = time.time()
+        if run.parallel.pipeline_model_parallel_size > 1 or run.parallel.context_parallel_size > 1:
+            raise ValueError("the SUV trainer supports TP (+SP) x DP; pipeline_model_parallel_size="
+                             f"{run.parallel.pipeline_model_parallel_size} and context_parallel_size="
+                             f"{run.parallel.context_parallel_size} must be 1 (PP stage split and Ulysses CP "
+                             "are not implemented yet)")
+        self.ps: ParallelState = init_parallel(run.parallel, run.backend.name)
+        self.backend = current_backend()
+        tr = run.training
+        self.param_dtype = torch.bfloat16 if tr.bf16 else torch.float32
+        self.num_microbatches = tr.num_microbatches(self.ps.dp_size)
+        self.group_size = self.ps.tp_size * self.ps.cp_size
+        if run.parallel.encoder_data_parallel and self.num_microbatches % self.group_size:
+            raise ValueError(f"encoder data parallelism needs num_microbatches ({self.num_microbatches}) divisible "
+                             f"by the TP x CP group size ({self.group_size}) so that rounds end on step boundaries")
+        self._seed(tr.seed)
+
+        # frozen pre-stages, each in its own dtype
+        vae = None if spec.load_video_features else build_vae(spec)
+        t5 = clip = None
+        if not spec.load_text_features:
+            t5, clip = build_text_encoders(spec)
+        # posterior samples: identical on the ranks of a TP/CP group (they encode the same sample)
+        self.vae_generator = torch.Generator().manual_seed(tr.seed + 7919 * self.ps.dp_rank)
+        self.encoders = FrozenEncoders(vae, t5, clip, generator=self.vae_generator)
+
+        # the denoiser: TP layout from the parallel state, recompute, DDP, optimizer with EMA
+        ckpt_path = spec.predictor_checkpoint if spec.predictor_checkpoint else None
+        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path)
+        apply_recompute(self.model, tr.recompute_granularity,
+                        tr.selective_recompute_ffn_layers if tr.recompute_granularity == "selective"
+                        else tr.recompute_num_layers)
+        self.model.train()
+        self.ddp = wrap_ddp(self.model, use_distributed_optimizer=run.optimizer.use_distributed_optimizer)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = self._build_scheduler()
+        self.clipper = AdaptiveGradClipper(decay=run.optimizer.clip_grad_ema_decay,
+                                           max_consecutive_bad=run.optimizer.max_consecutive_bad_steps)
+        self.adaptive_clip = run.optimizer.clip_grad > 0
+
+        # data: sharded over DP ranks, or over the whole world with encoder-DP
+        from mm.data.loader import build_dataloader
+
+        enc_dp = run.parallel.encoder_data_parallel
+        rank, replicas = (self.ps.rank, self.ps.world_size) if enc_dp else (self.ps.dp_rank, self.ps.dp_size)
+        self.loader = build_dataloader(data_cfg, rank=rank, num_replicas=replicas,
+                                       global_batch_size=tr.global_batch_size, num_workers=data_num_workers)
+        self.noise_generator = torch.Generator().manual_seed(tr.seed + 104729 * self.ps.dp_rank)
+        self.iteration = 0
+        self.samples_seen = 0
+        if run.checkpoint.load and ckpt.latest_iteration(run.checkpoint.load) is not None:
+            self._load(run.checkpoint.load)
+        elif run.checkpoint.load:
+            logger.warning("--load %s has no complete checkpoint yet: starting from scratch", run.checkpoint.load)
+
+        self.tb = None
+        tb_dir = tensorboard_dir or (os.path.join(run.checkpoint.save, "tensorboard") if run.checkpoint.save else None)
+        if tb_dir and _is_rank0():
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tb_dir)
+        self.peak_tflops = peak_tflops
+        self.history: list[StepResult] = []
+        self._summary(time.time() - t0)
+
+    # ------------------------------------------------------------------------------------ building
+    def _seed(self, seed: int) -> None:
+        from megatron.core import tensor_parallel
+
+        # identical init on every DP replica; TP shards from megatron's per-TP-rank stream
+        torch.manual_seed(seed)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+        o = self.run.optimizer
+        cfg = OptimizerConfig(
+            optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+            adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=0.0,  # clipping is ours (adaptive)
+            bf16=self.run.training.bf16, params_dtype=self.param_dtype,
+            use_distributed_optimizer=o.use_distributed_optimizer,
+        )
+        return make_ema_optimizer(get_megatron_optimizer(cfg, [self.ddp]), o.ema_decay)
+
+    def _build_scheduler(self):
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        o, tr = self.run.optimizer, self.run.training
+        decay = o.lr_decay_iters or tr.train_iters
+        return OptimizerParamScheduler(
+            self.optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr,
+            lr_warmup_steps=o.lr_warmup_iters, lr_decay_steps=max(decay, o.lr_warmup_iters + 1),
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=max(decay, 1), wd_incr_style="constant",
+        )
+
+    # ------------------------------------------------------------------------------------ data
+    def _batches(self) -> Iterator[dict]:
+        while True:  # epochs: the sampler wraps to the next epoch by itself
+            produced = False
+            for batch in self.loader:
+                produced = True
+                yield batch
+            if not produced:
+                raise RuntimeError("the data loader produced no batch: is the dataset empty after filtering? "
+                                   "Run python -m mm.data.inspect --data <data.json>")
+
+    def _features(self) -> Iterator[Features]:
+        batches = self._batches()
+        if self.run.parallel.encoder_data_parallel and self.group_size > 1:
+            from megatron.core import parallel_state
+
+            return EncoderDPFeatures(batches, self.encoders,
+                                     parallel_state.get_tensor_and_context_parallel_group(), self.group_size)
+        return (self.encoders(b) for b in batches)
+
+    # ------------------------------------------------------------------------------------ one step
+    def forward_step(self, data_iterator, model):
+        feats: Features = next(data_iterator)
+        z0 = feats.latents.float()
+        shift = dynamic_shift(z0.shape[-2], z0.shape[-1]) if self.spec.diffusion.use_dynamic_shifting else 1.0
+        noised = q_sample(z0, shift=shift, generator=self.noise_generator, sigma_min=self.spec.diffusion.sigma_eps,
+                          sync_groups=(self.ps.tp_group, self.ps.cp_group))
+        dt = self.param_dtype
+        pred = model(noised.x.to(dt), noised.timesteps, feats.text.to(dt), feats.text_mask, feats.pooled.to(dt),
+                     feats.video_mask)
+        target = velocity_target(z0, noised.eps)
+        self._micro_samples += z0.shape[0]
+        self._latent_shape = tuple(z0.shape[2:])
+        self._text_len = feats.text.shape[1]
+
+        def loss_func(output):
+            loss = flow_matching_loss(output, target, feats.video_mask)
+            return loss, {"loss": loss.detach()}
+
+        return pred, loss_func
+
+    def train_step(self, features: Iterator[Features]) -> StepResult:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        t0 = time.time()
+        self._micro_samples = 0
+        self.ddp.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self.forward_step, data_iterator=features, model=[self.ddp],
+            num_microbatches=self.num_microbatches, seq_length=0, micro_batch_size=self.run.training.micro_batch_size,
+            forward_only=False,
+        )
+        action, grad_norm = self._optimizer_step()
+        self.iteration += 1
+        self.scheduler.step(increment=1)
+        loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.tensor(math.nan)
+        if dist.is_initialized():
+            dist.all_reduce(loss, group=self.ps.dp_group)
+            loss /= self.ps.dp_size
+        samples = self._micro_samples * self.ps.dp_size // (self.group_size if self.run.parallel.encoder_data_parallel else 1)
+        self.samples_seen += samples
+        return StepResult(self.iteration, float(loss), grad_norm, action, self.optimizer.param_groups[0]["lr"],
+                          time.time() - t0)
+
+    def _optimizer_step(self) -> tuple[str, float]:
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()
+        grad_norm = float(opt.get_grad_norm())
+        if found_inf:
+            grad_norm = math.inf
+        if not self.adaptive_clip:
+            action = "update" if math.isfinite(grad_norm) else "skip"
+        else:
+            decision = self.clipper.decide(grad_norm)
+            action = decision.action
+            self._last_clip = decision
+            if action == "clip":
+                grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+                torch._foreach_mul_(grads, decision.coef)
+        if action != "skip":
+            opt.step_with_ready_grads()
+        else:
+            logger.warning("iteration %d: grad norm %s is non-finite or extreme; update skipped (%d skipped so far)",
+                           self.iteration + 1, grad_norm, self.clipper.num_skipped)
+        return action, grad_norm
+
+    # ------------------------------------------------------------------------------------ loop
+    def train(self) -> list[StepResult]:
+        tr, ck = self.run.training, self.run.checkpoint
+        features = self._features()
+        interval_t0, interval_steps = time.time(), 0
+        while self.iteration < tr.train_iters:
+            res = self.train_step(features)
+            self.history.append(res)
+            interval_steps += 1
+            if res.iteration % tr.log_interval == 0 or res.iteration == tr.train_iters:
+                self._log(res, (time.time() - interval_t0) / interval_steps)
+                interval_t0, interval_steps = time.time(), 0
+            if ck.save and (res.iteration % ck.save_interval == 0 or res.iteration == tr.train_iters):
+                self.save()
+        if self.tb:
+            self.tb.flush()
+        return self.history
+
+    def _log(self, res: StepResult, avg_step: float) -> None:
+        gbs = self.run.training.global_batch_size
+        shape = self.model.suv_config
+        flops = train_flops(SUVShape(tuple(shape.num_layers), tuple(shape.effective_sparse_n()), shape.hidden_size,
+                                     shape.timestep_embed_dim, shape.patch_size, shape.patch_size_t),
+                            self._latent_shape, self._text_len, gbs)
+        tflops = flops / avg_step / self.ps.world_size / 1e12
+        m = mfu(flops, avg_step, self.ps.world_size, self.peak_tflops)
+        c = self.clipper
+        thr = getattr(getattr(self, "_last_clip", None), "threshold", math.nan)
+        if _is_rank0():
+            logger.info(
+                "iter %6d/%d | loss %.5f | lr %.3e | grad norm %.4f | clip thr %.4f | %s | skipped %d | "
+                "step %.2fs | %.2f samples/s | %.3f TFLOP/s/device | MFU %s",
+                res.iteration, self.run.training.train_iters, res.loss, res.lr, res.grad_norm, thr, res.action,
+                c.num_skipped, avg_step, gbs / avg_step, tflops, f"{100 * m:.1f}%" if m is not None else "n/a",
+            )
+            if self.tb:
+                for k, v in (("loss", res.loss), ("lr", res.lr), ("grad_norm", res.grad_norm), ("clip_threshold", thr),
+                             ("skipped_steps", c.num_skipped), ("step_time", avg_step),
+                             ("samples_per_s", gbs / avg_step), ("tflops_per_device", tflops)):
+                    if v is not None and math.isfinite(v):
+                        self.tb.add_scalar(f"train/{k}", v, res.iteration)
+
+    def _summary(self, build_seconds: float) -> None:
+        n_train = sum(p.numel() for p in self.model.parameters()) * self.ps.tp_size  # upper bound across TP
+        n_local = sum(p.numel() for p in self.model.parameters())
+        frozen = sum(sum(p.numel() for p in m.parameters())
+                     for m in (self.encoders.vae, self.encoders.t5, self.encoders.clip) if m is not None)
+        if not _is_rank0():
+            return
+        lines = [
+            f"backend: {self.backend.name} (dist {self.backend.dist_backend})",
+            "kernels: " + ", ".join(f"{k}={v}" for k, v in self.backend.kernel_table().items()),
+            f"parallel: world {self.ps.world_size} = TP {self.ps.tp_size} x PP {self.ps.pp_size} x CP "
+            f"{self.ps.cp_size} x DP {self.ps.dp_size}; sequence parallel {self.ps.sequence_parallel}; "
+            f"encoder-DP {self.run.parallel.encoder_data_parallel}",
+            f"batch: micro {self.run.training.micro_batch_size} x DP {self.ps.dp_size} x {self.num_microbatches} "
+            f"micro-batches = global {self.run.training.global_batch_size}",
+            f"SUV params: {n_local:,} on this rank (<= {n_train:,} over TP); frozen encoders {frozen:,}; "
+            f"dtype {self.param_dtype}",
+            f"optimizer: {'distributed ' if self.run.optimizer.use_distributed_optimizer else ''}EMA-AdamW "
+            f"lr {self.run.optimizer.lr} ({self.run.optimizer.lr_decay_style}), adaptive clipping "
+            f"{'on' if self.adaptive_clip else 'off'}, recompute {self.run.training.recompute_granularity}",
+            f"memory: RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB; built in {build_seconds:.1f}s; "
+            f"starting at iteration {self.iteration}",
+        ]
+        logger.info("start-up summary\n  " + "\n  ".join(lines))
+
+    # ------------------------------------------------------------------------------------ checkpoints
+    def _generators(self) -> dict[str, torch.Generator]:
+        return {"noise": self.noise_generator, "vae": self.vae_generator}
+
+    def _common_state(self) -> dict:
+        from mm.data.loader import merge_sampler_states
+
+        states = [None] * self.ps.world_size if dist.is_initialized() else None
+        local = self.loader.state_dict()
+        if dist.is_initialized():
+            dist.all_gather_object(states, local)
+            sampler = merge_sampler_states(states)
+        else:
+            sampler = local
+        return {
+            "iteration": self.iteration,
+            "samples_seen": self.samples_seen,
+            "scheduler": self.scheduler.state_dict(),
+            "clipper": self.clipper.state_dict(),
+            "sampler": sampler,
+            "config": json.loads(json.dumps(dataclasses.asdict(self.run), default=str)),
+        }
+
+    def save(self) -> None:
+        ck = self.run.checkpoint
+        ema = ema_model_state_dict(self.optimizer, self.model)
+        ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self._common_state(),
+                             keep_last=ck.keep_last, ema_weights=ema, generators=self._generators())
+
+    def _load(self, root: str) -> None:
+        it, common = ckpt.load_checkpoint(root, self.model, self.optimizer, generators=self._generators())
+        self.iteration = common["iteration"]
+        self.samples_seen = common.get("samples_seen", 0)
+        self.scheduler.load_state_dict(common["scheduler"])
+        self.clipper.load_state_dict(common["clipper"])
+        self.loader.load_state_dict(common["sampler"])
+        logger.info("resumed from %s at iteration %d", root, it)
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
