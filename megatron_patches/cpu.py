@@ -133,6 +133,13 @@ def _is_cuda_device(dev) -> bool:
 
 
 def _cpu_factory(original):
+    # ``with torch.device(...)`` recognises factories by identity in an lru-cached set built on first use;
+    # build it now, from the unpatched builtins (which the wrapper still calls), or the device context
+    # (e.g. "meta") is silently ignored after patching.
+    from torch.utils._device import _device_constructors
+
+    _device_constructors()
+
     @functools.wraps(original)
     def wrapper(*args, **kwargs):
         if "device" in kwargs and _is_cuda_device(kwargs["device"]) and called_from_megatron():

@@ -54,7 +54,8 @@ class SUVConfig:
     patch_size_t: int = 1
     activation_fn: str = "gelu-approximate"
     # Accepted for upstream compatibility and ignored: every LayerNorm has weight and bias (spec §12.1).
-    norm_elementwise_affine: bool = True
+    # Not part of equality (the train and inference JSONs disagree on it for the same weights).
+    norm_elementwise_affine: bool = field(default=True, compare=False)
     norm_eps: float = 1e-6
     interpolation_scale_t: float = 1.0
     interpolation_scale_h: float = 1.0
