@@ -282,6 +282,12 @@ class Trainer:
                 res.iteration, self.run.training.train_iters, res.loss, res.lr, res.grad_norm, thr, res.action,
                 c.num_skipped, avg_step, gbs / avg_step, tflops, f"{100 * m:.1f}%" if m is not None else "n/a",
             )
+            if self.run.checkpoint.save:  # machine-readable history next to the checkpoints
+                os.makedirs(self.run.checkpoint.save, exist_ok=True)
+                with open(os.path.join(self.run.checkpoint.save, "train_log.jsonl"), "a") as f:
+                    f.write(json.dumps({"iteration": res.iteration, "loss": res.loss, "lr": res.lr,
+                                        "grad_norm": res.grad_norm, "action": res.action, "step_time": avg_step,
+                                        "samples_per_s": gbs / avg_step, "skipped": c.num_skipped}) + "\n")
             if self.tb:
                 for k, v in (("loss", res.loss), ("lr", res.lr), ("grad_norm", res.grad_norm), ("clip_threshold", thr),
                              ("skipped_steps", c.num_skipped), ("step_time", avg_step),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import subprocess
@@ -178,6 +179,9 @@ def test_torchrun_entry_point_smoke(ws, tmp_path):
     assert "iter      2/2" in out.stdout
     assert "accepted but inert" in out.stdout + out.stderr
     assert (ckpt / "iter_0000002").is_dir() and (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
+    log = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in log] == [1, 2] and all(math.isfinite(r["loss"]) for r in log)
+    assert any((ckpt / "tensorboard").glob("events.out.tfevents.*"))
     bad = subprocess.run([sys.executable, str(ROOT / "pretrain_sora.py"), "--mm-model", ws["model"], "--mm-data",
                           ws["data"], "--no-such-flag"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
