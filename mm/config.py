@@ -28,6 +28,12 @@ def check_positive(name: str, value: Any, *, zero_ok: bool = False) -> None:
     check(ok, name, value, ">= 0" if zero_ok else "> 0")
 
 
+def check_count(name: str, value: Any, *, zero_ok: bool = False) -> None:
+    """An integer count (steps, sizes, intervals): floats and bools are rejected."""
+    ok = isinstance(value, int) and not isinstance(value, bool) and (value >= 0 if zero_ok else value > 0)
+    check(ok, name, value, "an integer >= 0" if zero_ok else "an integer > 0")
+
+
 @dataclass
 class BackendConfig:
     name: str = "auto"  # cpu | cuda | npu | auto (cuda, else npu, else cpu)
@@ -99,14 +105,14 @@ class OptimizerConfig:
         check_positive("min_lr", self.min_lr, zero_ok=True)
         check(self.min_lr <= self.lr, "min_lr", self.min_lr, f"<= lr ({self.lr})")
         check_choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
-        check_positive("lr_warmup_iters", self.lr_warmup_iters, zero_ok=True)
+        check_count("lr_warmup_iters", self.lr_warmup_iters, zero_ok=True)
         check_positive("weight_decay", self.weight_decay, zero_ok=True)
         for f in ("adam_beta1", "adam_beta2", "clip_grad_ema_decay", "ema_decay"):
             v = getattr(self, f)
             check(0.0 <= v < 1.0, f, v, "[0, 1)")
         check_positive("adam_eps", self.adam_eps)
         check_positive("clip_grad", self.clip_grad, zero_ok=True)
-        check_positive("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
+        check_count("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
 
 
 @dataclass
@@ -122,14 +128,14 @@ class TrainingConfig:
     selective_recompute_ffn_layers: int = 0
 
     def __post_init__(self):
-        check_positive("micro_batch_size", self.micro_batch_size)
-        check_positive("global_batch_size", self.global_batch_size)
-        check_positive("train_iters", self.train_iters)
-        check_positive("log_interval", self.log_interval)
+        check_count("micro_batch_size", self.micro_batch_size)
+        check_count("global_batch_size", self.global_batch_size)
+        check_count("train_iters", self.train_iters)
+        check_count("log_interval", self.log_interval)
         check(self.recompute_granularity in (None, "full", "selective"), "recompute_granularity",
               self.recompute_granularity, "None, 'full' or 'selective'")
-        check_positive("recompute_num_layers", self.recompute_num_layers, zero_ok=True)
-        check_positive("selective_recompute_ffn_layers", self.selective_recompute_ffn_layers, zero_ok=True)
+        check_count("recompute_num_layers", self.recompute_num_layers, zero_ok=True)
+        check_count("selective_recompute_ffn_layers", self.selective_recompute_ffn_layers, zero_ok=True)
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size
@@ -149,8 +155,8 @@ class CheckpointConfig:
     keep_last: int = 3
 
     def __post_init__(self):
-        check_positive("save_interval", self.save_interval)
-        check_positive("keep_last", self.keep_last)
+        check_count("save_interval", self.save_interval)
+        check_count("keep_last", self.keep_last)
 
 
 def replace(cfg, **changes):
