@@ -62,6 +62,11 @@ class Trainer:
 
     def __init__(self, spec: ModelSpec, data_cfg: DataConfig, run: RunConfig, *, tensorboard_dir: str | None = None,
                  peak_tflops: float | None = None, data_num_workers: int | None = None):
+        # the feature-cache switches may be set in the model JSON (upstream) or the data JSON: either one counts
+        video_cache = spec.load_video_features or data_cfg.load_video_features
+        text_cache = spec.load_text_features or data_cfg.load_text_features
+        spec = dataclasses.replace(spec, load_video_features=video_cache, load_text_features=text_cache)
+        data_cfg = data_cfg.replace(load_video_features=video_cache, load_text_features=text_cache)
         self.spec, self.data_cfg, self.run = spec, data_cfg, run
         t0 = time.time()
         if run.parallel.pipeline_model_parallel_size > 1 or run.parallel.context_parallel_size > 1:

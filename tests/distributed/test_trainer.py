@@ -185,3 +185,26 @@ def test_torchrun_entry_point_smoke(ws, tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "pretrain_sora.py"), "--mm-model", ws["model"], "--mm-data",
                           ws["data"], "--no-such-flag"], env=env, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unrecognized arguments: --no-such-flag" in bad.stderr
+
+
+def _train_from_feature_cache(rank, world, ws, feature_dir):
+    from mm.builders import build_text_encoders, build_vae
+    from mm.config_upstream import load_data_config, load_model_json
+    from mm.data.extract_features import extract_features
+    from mm.training.trainer import Trainer
+
+    spec = load_model_json(ws["model"])
+    cfg = load_data_config(ws["data"])
+    t5, clip = build_text_encoders(spec)
+    extract_features(cfg, feature_dir, vae=build_vae(spec), t5=t5, clip=clip, rank=0, world_size=1)
+    cached = cfg.replace(load_video_features=True, load_text_features=True, feature_dir=feature_dir)
+    t = Trainer(spec, cached, _run_config(tp=1, gbs=1, iters=2), data_num_workers=0)
+    losses = [r.loss for r in t.train()]
+    return losses, t.encoders.vae is None and t.encoders.t5 is None
+
+
+def test_training_from_the_feature_cache(ws, tmp_path):
+    losses, no_encoders = run_distributed(_train_from_feature_cache, 1, args=(ws, str(tmp_path / "feat")),
+                                          timeout=180)[0]
+    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert no_encoders  # the frozen encoders are not even built when training from the cache
