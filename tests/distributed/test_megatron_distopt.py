@@ -5,8 +5,8 @@
   ~1e-7 grad differences, so the tolerance is ~1e-5, item 14).
 * checkpoint resume: 2 steps, ``dist_checkpointing`` save of model + optimizer (``torch_dist``,
   ``fully_reshardable``), a fresh model + optimizer loads it (same layout, and resharded TP2 -> DP2),
-  1 more step == 3 uninterrupted steps, and every parameter's AdamW ``step`` reads 3 (without patch P7
-  one shared step tensor reads 1 + number of params: a silent wrong bias correction).
+  1 more step == 3 uninterrupted steps, and every parameter's AdamW ``step`` reads 3 (without patch P7 the
+  params share one step tensor that advances once per param per step: a silently wrong bias correction).
 
 Model: LayerNorm -> ColumnParallelLinear -> GeLU -> RowParallelLinear on ``[S, B, H]``. Loss: the global
 MSE, whatever the layout: DP ranks average (DDP scales grads by 1/DP); with SP each rank sums its
@@ -14,8 +14,6 @@ sequence shard and divides by the global element count, so the TP ranks' losses 
 """
 
 from __future__ import annotations
-
-import copy
 
 import pytest
 import torch

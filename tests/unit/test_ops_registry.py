@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ast
 import math
-import os
 import pathlib
 
 import pytest
@@ -28,7 +27,8 @@ def test_cpu_is_selected_and_idempotent():
     b = ops.current_backend()
     assert (b.name, b.device_type, b.dist_backend) == ("cpu", "cpu", "gloo")
     assert ops.select_backend("cpu") is b
-    assert ops.select_backend(None) is b  # MM_BACKEND / auto resolve to cpu on this machine
+    if registry.available_backends() == ["cpu"]:
+        assert ops.select_backend(None) is b  # MM_BACKEND / auto resolve to cpu on a CPU-only machine
     assert b.device() == torch.device("cpu")
     assert set(b.kernel_table()) == set(registry.KERNELS)
     assert all(v.startswith("mm.ops.reference.") for v in b.kernel_table().values())
