@@ -78,16 +78,16 @@ def joint_attention(
     Lv, B = q.shape[:2]
     Lt = kt.shape[0]
 
-    def replicate(t):  # [Lt, B, H, hd] -> [k*B, Lt, H, hd], batch index r*B + b (same order as the video)
-        t = t.transpose(0, 1)
-        return t if sparse_k == 1 else t.repeat(sparse_k, 1, 1, 1)
+    def joint(video, text):  # -> [k*B, L'/k + Lt, H, hd], one copy; text replicated, batch index r*B + b
+        if sparse_k == 1:
+            return torch.cat([video, text], dim=0).transpose(0, 1)
+        v = skiparse.to_batch_view(video, sparse_k, group)  # [k, B, L'/k, H, hd] (strided view)
+        t = text.transpose(0, 1).expand(sparse_k, *text.transpose(0, 1).shape)  # [k, B, Lt, H, hd] (no copy)
+        return torch.cat([v, t], dim=2).flatten(0, 1)
 
-    # [Lv, B, H, hd] -> [k*B, L'/k, H, hd]
-    qv, kv, vv = (skiparse.to_batch(x, sparse_k, group) for x in (q, k, v))
-    Lsub = qv.shape[1]
-    k_all = torch.cat([kv, replicate(kt)], dim=1)
-    v_all = torch.cat([vv, replicate(vt)], dim=1)
-    q_all = qv if qt is None else torch.cat([qv, replicate(qt)], dim=1)
+    Lsub = skiparse.padded_length(Lv, sparse_k) // sparse_k
+    k_all, v_all = joint(k, kt), joint(v, vt)
+    q_all = joint(q, qt) if qt is not None else skiparse.to_batch(q, sparse_k, group)
     out = mm.ops.attention(q_all, k_all, v_all, key_mask=key_mask, scale=scale)  # [k*B, Sq, H, hd]
 
     out_v = skiparse.from_batch(out[:, :Lsub], sparse_k, group, Lv)  # [Lv, B, H, hd]

@@ -30,23 +30,26 @@ def _pad_seq(x: torch.Tensor, length: int, value) -> torch.Tensor:
     return torch.cat([x, pad], dim=0)
 
 
-def to_batch(x_SB: torch.Tensor, k: int, group: bool, pad_value=0) -> torch.Tensor:
-    """``[L, B, *rest] -> [k*B, L'/k, *rest]`` (pads with ``pad_value``)."""
+def to_batch_view(x_SB: torch.Tensor, k: int, group: bool, pad_value=0) -> torch.Tensor:
+    """``[L, B, *rest] -> [k, B, L'/k, *rest]``: the regrouped tokens as a strided view (no copy unless
+    padding is needed), so a caller can concatenate other tokens before merging ``(k, B)``."""
     L, B = x_SB.shape[:2]
     rest = x_SB.shape[2:]
-    if k == 1:
-        return x_SB.transpose(0, 1)
     Lp = padded_length(L, k)
     x = _pad_seq(x_SB, Lp, pad_value)
     if group:
-        # s = n*k^2 + m*k + j: [n, m, j, B, *] -> [m, B, n, j, *]
-        x = x.reshape(Lp // (k * k), k, k, B, *rest)
-        x = x.permute(1, 3, 0, 2, *range(4, x.dim()))
-    else:
-        # s = g*k + r: [g, r, B, *] -> [r, B, g, *]
-        x = x.reshape(Lp // k, k, B, *rest)
-        x = x.permute(1, 2, 0, *range(3, x.dim()))
-    return x.reshape(k * B, Lp // k, *rest)
+        # s = n*k^2 + m*k + j: [n, m, j, B, *] -> [m, B, n, j, *] -> [m, B, n*k + j, *]
+        x = x.reshape(Lp // (k * k), k, k, B, *rest).permute(1, 3, 0, 2, *range(4, 4 + len(rest)))
+        return x.flatten(2, 3)
+    # s = g*k + r: [g, r, B, *] -> [r, B, g, *]
+    return x.reshape(Lp // k, k, B, *rest).permute(1, 2, 0, *range(3, 3 + len(rest)))
+
+
+def to_batch(x_SB: torch.Tensor, k: int, group: bool, pad_value=0) -> torch.Tensor:
+    """``[L, B, *rest] -> [k*B, L'/k, *rest]`` (pads with ``pad_value``)."""
+    if k == 1:
+        return x_SB.transpose(0, 1)
+    return to_batch_view(x_SB, k, group, pad_value).flatten(0, 1)
 
 
 def from_batch(x_BS: torch.Tensor, k: int, group: bool, length: int) -> torch.Tensor:

@@ -88,6 +88,9 @@ class SparseUMMDiT(nn.Module):
         current_backend()  # megatron must be patched (cpu/npu) before it is imported
         if not isinstance(config, SUVConfig):
             raise ValueError(f"config must be an SUVConfig, got {type(config).__name__} (use SUVConfig.from_upstream)")
+        if parallel is not None and getattr(parallel, "cp_size", 1) != 1:
+            raise ValueError(f"context_parallel_size={parallel.cp_size}: allowed 1 (SparseUMMDiT implements TP + SP; "
+                             "Ulysses CP is not wired into its attention yet)")
         self.suv_config = cfg = config
         self.tp = tp = TPContext.from_parallel_state(parallel)
         cfg.validate_tp(tp.size)
