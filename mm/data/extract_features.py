@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae-checkpoint", default=None, help="released WFVAE checkpoint (omit only for tests)")
     p.add_argument("--t5", default=None, help="local T5 directory (default: tokenizer_config of data.json)")
     p.add_argument("--clip", default=None, help="local CLIP directory (default: tokenizer_config_2 of data.json)")
+    p.add_argument("--backend", default=None, choices=["auto", "cpu", "cuda", "npu"],
+                   help="device backend (default $MM_BACKEND or auto)")
     p.add_argument("--text-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="T5/CLIP dtype")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--max-samples", type=int, default=None, help="stop after this many samples per rank")
@@ -201,10 +203,14 @@ def main(argv: list[str] | None = None) -> int:
         overrides.update(max_height=h, max_width=w, max_hxw=h * w, min_hxw=h * w)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() \
-        else torch.device("cpu")
+    from mm.ops import select_backend
+
+    backend = select_backend(a.backend)
+    device = backend.device(int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        from mm.distributed.init import init_process_group
+
+        init_process_group()
     try:
         cfg = load_data_config(a.data, **overrides)
         out = a.out or cfg.feature_dir

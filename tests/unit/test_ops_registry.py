@@ -211,9 +211,7 @@ def test_adamw_class_is_torch_adamw_on_cpu():
 # Backend modules may talk to their device; everything else goes through mm.ops / the Backend object.
 BACKEND_MODULES = {"mm/ops/cuda.py", "mm/ops/npu.py"}
 # Known violations, owned by other modules: fix there, then delete the entry (the test fails if one is clean).
-KNOWN_VIOLATIONS = {
-    "mm/data/extract_features.py": "picks its device with torch.cuda.is_available() instead of the backend",
-}
+KNOWN_VIOLATIONS: dict[str, str] = {}
 
 
 def _cuda_uses(path: pathlib.Path) -> list[str]:
