@@ -196,6 +196,7 @@ class SparseUMMDiT(nn.Module):
         if pooled.dim() == 3:
             pooled = pooled.squeeze(1)
         B, _, T, H, W = latents.shape
+        timestep = timestep.reshape(-1).expand(B) if timestep.numel() == 1 else timestep
         p = cfg.patch_size
         if H % p or W % p:
             raise ValueError(f"latent height/width {H}x{W} must be divisible by patch_size={p}")
