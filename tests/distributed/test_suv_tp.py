@@ -31,7 +31,12 @@ def _tp_step(rank, world, sequence_parallel, full_sd, inputs, loss_weight):
     # fresh init at TP = 2 from the same seed equals the TP = 1 init (megatron builds full master weights)
     torch.manual_seed(123)
     fresh = gather_upstream_state_dict(SparseUMMDiT(tiny_config(), ps))
-    return out.detach(), grads, params, tagged, sharded, fresh
+    # a parallel=None (TP = 1, no group needed) model also works inside an initialised TP = 2 world
+    single = SparseUMMDiT(tiny_config())
+    single.load_state_dict(full_sd)
+    with torch.no_grad():
+        single_out = single(*inputs)
+    return out.detach(), grads, params, tagged, sharded, fresh, single_out
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +65,9 @@ def reference():
 def test_tp2_matches_single_process(reference, sequence_parallel):
     full_sd, inputs, loss_weight, ref_out, ref_grads, ref_fresh = reference
     results = run_distributed(_tp_step, 2, args=(sequence_parallel, full_sd, inputs, loss_weight), timeout=60)
-    for out, grads, params, tagged, sharded, fresh in results:
+    for out, grads, params, tagged, sharded, fresh, single_out in results:
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(single_out, ref_out, rtol=1e-6, atol=1e-6)
         assert grads.keys() == ref_grads.keys()
         for key in ref_grads:
             torch.testing.assert_close(grads[key], ref_grads[key], rtol=1e-4, atol=1e-5, msg=lambda m: f"{key}: {m}")
