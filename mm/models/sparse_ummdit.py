@@ -162,6 +162,17 @@ class SparseUMMDiT(nn.Module):
                 block.sparse_k = k
         self.sparse_n = sparse_n
 
+    def to_empty(self, *, device, recurse: bool = True) -> "SparseUMMDiT":
+        """Materialise a meta-built model (``device="meta"``) without initialising it, e.g. before loading a
+        checkpoint. Unlike ``nn.Module.to_empty`` this keeps the parameters' Python attributes (megatron's
+        ``tensor_model_parallel`` / ``partition_dim`` / ``sequence_parallel`` / ``allreduce`` tags), which
+        the meta -> device move would otherwise drop."""
+        saved = {name: dict(p.__dict__) for name, p in self.named_parameters()}
+        super().to_empty(device=device, recurse=recurse)
+        for name, p in self.named_parameters():
+            p.__dict__.update(saved[name])
+        return self
+
     # ------------------------------------------------------------------ forward
     def _rope(self, grid: tuple[int, int, int], device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (grid, str(device))

@@ -243,6 +243,20 @@ def test_fresh_init_zero_init_skips_are_identity():
     assert len(checked) == 6
 
 
+def test_meta_then_to_empty_keeps_megatron_param_tags(tiny):
+    cfg, _, sd, inputs, out = tiny
+    model = SparseUMMDiT(cfg, device="meta")
+    model.to_empty(device="cpu")
+    w = model.transformer_blocks[0][0].attn1.to_q.weight
+    assert w.device.type == "cpu" and w.tensor_model_parallel and w.partition_dim == 0
+    assert model.transformer_blocks[0][0].attn1.to_out[0].weight.partition_dim == 1
+    assert hasattr(model.norm_final.weight, "sequence_parallel")
+    assert not model.transformer_blocks[6][1].attn1.add_q_proj.weight.requires_grad
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        torch.testing.assert_close(model(*inputs), out, rtol=0, atol=0)
+
+
 def test_zero_init_false_has_norm_before_skip_linear():
     model = SparseUMMDiT(tiny_config(skip_connection_zero_init=False), device="meta")
     keys = model.state_dict().keys()
