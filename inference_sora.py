@@ -1,19 +1,39 @@
-"""Batch inference entry point (torchrun). Not implemented yet."""
+"""Batch inference entry point: ``torchrun --nproc_per_node N inference_sora.py --mm-model JSON ...``.
 
-import argparse
+parse + validate -> select backend -> init distributed -> build -> generate -> tear down.
+The logic lives in ``mm/inference/`` (``cli.py`` flags, ``pipeline.py`` sampling, ``runner.py`` outputs).
+Exit code 2: bad arguments or inputs, reported before anything is built.
+"""
+
 import sys
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Generate videos with Open-Sora Plan v1.5. NOT IMPLEMENTED YET.")
-    p.add_argument("--mm-model", required=True, help="upstream inference JSON (inference_t2v_model1_5.json style)")
-    return p
+from mm.inference.cli import parse_request, run, setup_logging
 
 
 def main(argv=None) -> int:
-    build_parser().parse_args(argv)
-    print("inference_sora.py: inference is not implemented yet (see the open inference issue)", file=sys.stderr)
-    return 2
+    try:
+        request = parse_request(argv)
+    except ValueError as err:
+        print(f"inference_sora.py: error: {err}", file=sys.stderr)
+        return 2
+
+    from mm.ops import BackendUnavailableError, select_backend
+
+    try:
+        select_backend(request.backend)
+    except BackendUnavailableError as err:
+        print(f"inference_sora.py: error: {err}", file=sys.stderr)
+        return 2
+    setup_logging()
+
+    from mm.distributed.init import destroy_parallel, init_parallel
+
+    parallel = init_parallel(request.parallel, timeout_s=60 * request.parallel.distributed_timeout_minutes)
+    try:
+        run(request, parallel)
+    finally:
+        destroy_parallel()
+    return 0
 
 
 if __name__ == "__main__":
