@@ -19,7 +19,9 @@ reach keep the frames the next chunk needs. This module is the clean version of 
   operator precedence (spec §12 item 9).
 
 Chunk plans are computed per call from the frame count (spec §12 item 10: nothing is frozen at the
-first call); any chunk size is exact, including a 1-frame last chunk and T = 1.
+first call); the streaming is exact for any chunk boundaries (even ones, for the encoder), including
+1-frame chunks and T = 1. The plans balance chunk sizes: PyTorch's CPU conv3d falls back to an im2col
+kernel with ~27x memory for short inputs, so a tiny trailing chunk would cost more than a full one.
 """
 
 from __future__ import annotations
@@ -89,29 +91,36 @@ def causal_pad(
     return padded
 
 
-def encoder_chunks(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
-    """Pixel-frame chunks ``[start, end)``: the first frame alone, then ``chunk_frames`` at a time.
+def _balanced(total: int, max_size: int) -> list[int]:
+    """Split ``total`` into the fewest parts of at most ``max_size``, sizes differing by at most 1."""
+    parts = max(1, -(-total // max_size))
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
-    ``chunk_frames`` is a multiple of 8 so that every chunk after the first halves evenly through the
-    three temporal levels (Haar pairs and stride-2 windows never straddle two chunks).
+
+def encoder_chunks(num_frames: int, chunk_frames: int) -> list[tuple[int, int]]:
+    """Pixel-frame chunks ``[start, end)`` of at most ``1 + chunk_frames`` (first) / ``chunk_frames`` frames.
+
+    The first chunk holds the first frame plus the first group; the groups are balanced multiples of 8
+    frames, so every chunk after the first halves evenly through the three temporal levels (Haar pairs
+    and stride-2 windows never straddle two chunks) and no chunk is needlessly short.
     """
-    assert chunk_frames > 0 and chunk_frames % 8 == 0, chunk_frames
-    chunks = [(0, 1)]
-    for start in range(1, num_frames, chunk_frames):
-        chunks.append((start, min(start + chunk_frames, num_frames)))
-    return chunks
+    assert chunk_frames > 0 and chunk_frames % 8 == 0 and (num_frames - 1) % 8 == 0, (num_frames, chunk_frames)
+    groups = [8 * size for size in _balanced((num_frames - 1) // 8, chunk_frames // 8)] if num_frames > 1 else [0]
+    bounds = [0, 1 + groups[0]]
+    for size in groups[1:]:
+        bounds.append(bounds[-1] + size)
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 def decoder_chunks(num_latents: int, chunk_latents: int) -> list[tuple[int, int, int]]:
-    """Latent-frame chunks ``(start, end, lookahead)``: the first latent alone, then ``chunk_latents``.
+    """Latent-frame chunks ``(start, end, lookahead)``; the first also holds latent 0, sizes balanced.
 
-    Every chunk after the first that is not the last gets one look-ahead latent (its right neighbour,
-    needed by the trilinear temporal interpolation of its last frame). The first chunk needs none: the
-    first latent frame is upsampled spatially only and is never a temporal interpolation partner.
+    Every chunk but the last gets one look-ahead latent (its right neighbour, needed by the trilinear
+    temporal interpolation of its last frame); its outputs are computed and discarded.
     """
     assert chunk_latents > 0, chunk_latents
-    chunks = [(0, 1, 0)]
-    for start in range(1, num_latents, chunk_latents):
-        end = min(start + chunk_latents, num_latents)
-        chunks.append((start, end, 1 if end < num_latents else 0))
-    return chunks
+    groups = _balanced(num_latents - 1, chunk_latents) if num_latents > 1 else [0]
+    bounds = [0, 1 + groups[0]]
+    for size in groups[1:]:
+        bounds.append(bounds[-1] + size)
+    return [(start, end, 1 if end < num_latents else 0) for start, end in zip(bounds[:-1], bounds[1:])]

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mm.models.vae_spatial_tiling import blend_weights, plan_tiles, tile_starts
-from mm.models.vae_streaming import decoder_chunks, encoder_chunks
+from mm.models.vae_streaming import Stream, TemporalCache, decoder_chunks, encoder_chunks
 from mm.models.wfvae import WFVAE, WFVAEConfig, tiny_wfvae_config
 
 ATOL = 1e-5  # fp32, tiled vs untiled
@@ -44,10 +44,31 @@ def _both(vae: WFVAE, fn, *args):
 
 def test_chunk_plans():
     assert encoder_chunks(1, 8) == [(0, 1)]
-    assert encoder_chunks(33, 16) == [(0, 1), (1, 17), (17, 33)]
+    assert encoder_chunks(17, 8) == [(0, 9), (9, 17)]
+    assert encoder_chunks(41, 24) == [(0, 25), (25, 41)]  # balanced: 24 + 16 frames
     assert decoder_chunks(1, 4) == [(0, 1, 0)]
-    assert decoder_chunks(5, 3) == [(0, 1, 0), (1, 4, 1), (4, 5, 0)]  # 1-frame last chunk is fine
-    assert decoder_chunks(6, 2) == [(0, 1, 0), (1, 3, 1), (3, 5, 1), (5, 6, 0)]
+    assert decoder_chunks(5, 1) == [(0, 2, 1), (2, 3, 1), (3, 4, 1), (4, 5, 0)]
+    assert decoder_chunks(11, 4) == [(0, 5, 1), (5, 8, 1), (8, 11, 0)]  # no short tail chunk
+
+
+@pytest.mark.parametrize(
+    "encode_bounds,decode_bounds",
+    [([0, 1, 9, 17, 33], [0, 1, 2, 4, 5]), ([0, 1, 17, 25, 33], [0, 1, 4, 5])],
+)
+def test_streaming_is_exact_for_any_chunk_boundaries(vae, encode_bounds, decode_bounds):
+    """The per-layer carried context does not depend on the plans (1-frame first chunks included)."""
+    x = _video(33)
+    stream = Stream(TemporalCache())
+    chunks = [vae.encoder(x[:, :, a:b], stream) for a, b in zip(encode_bounds[:-1], encode_bounds[1:])]
+    moments = vae.encoder(x)
+    torch.testing.assert_close(torch.cat(chunks, dim=2), moments, rtol=0, atol=ATOL)
+    z = moments[:, :32]
+    cache, parts = TemporalCache(), []
+    for a, b in zip(decode_bounds[:-1], decode_bounds[1:]):
+        lookahead = 1 if b < z.shape[2] else 0
+        y = vae.decoder(z[:, :, a : b + lookahead], Stream(cache, lookahead))
+        parts.append(y[:, :, : y.shape[2] - 8 * lookahead])
+    torch.testing.assert_close(torch.cat(parts, dim=2), vae.decoder(z), rtol=0, atol=ATOL)
 
 
 @pytest.mark.parametrize("frames", [1, 9, 17, 33])
