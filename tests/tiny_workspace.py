@@ -12,15 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def make_workspace(tmp: str | os.PathLike, *, num: int = 4, frames: int = 9, size: int = 32, cfg_rate: float = 0.1,
                    text_len: int = 16) -> dict[str, str]:
-    from mm.data.synthetic import write_dataset, write_text_encoders
+    from mm.data.synthetic import write_dataset, write_tiny_encoders
 
     tmp = Path(tmp)
     data = tmp / "data"
     write_dataset(str(data), num=num, frames=frames, height=size, width=size, seed=0)
-    write_text_encoders(str(data))
+    write_tiny_encoders(str(data))
     model = json.loads((ROOT / "examples/tiny/model.json").read_text())
     model["text_encoder"]["from_pretrained"] = str(data / "text_encoders/t5")
     model["text_encoder_2"]["from_pretrained"] = str(data / "text_encoders/clip")
+    model["ae"]["from_pretrained"] = str(data / "wfvae/wfvae_tiny.ckpt")
     d = json.loads((ROOT / "examples/tiny/data.json").read_text())
     ds, pre = d["dataset_param"], d["dataset_param"]["preprocess_parameters"]
     ds["basic_parameters"]["data_path"] = str(data / "data.txt")
@@ -33,7 +34,7 @@ def make_workspace(tmp: str | os.PathLike, *, num: int = 4, frames: int = 9, siz
         p[1]["param"]["size"] = [size, size]
     d["dataloader_param"]["collate_param"]["num_frames"] = frames
     inf = json.loads((ROOT / "examples/tiny/inference.json").read_text())
-    for k in ("text_encoder", "text_encoder_2"):
+    for k in ("ae", "text_encoder", "text_encoder_2"):
         inf[k] = model[k]
     inf["pipeline_config"]["input_size"] = [frames, size, size]
     inf["model_max_length"] = text_len

@@ -8,8 +8,9 @@ Colour is the dominant visual factor on purpose (a tiny model trained on this da
 Writes ``DIR/videos/clip_XXXXX.mp4``, ``DIR/annotation.json`` (upstream record format, §8.1) and
 ``DIR/data.txt`` containing ``.,annotation.json`` — relative entries in a data.txt resolve against the
 data.txt's own directory, so the dataset works from any working directory and can be moved.
-Unless ``--no-text-encoders``, it also writes tiny real T5 + CLIP text encoders (tokenizers learned from
-the captions) under ``DIR/text_encoders/{t5,clip}``: what ``examples/tiny`` loads, so nothing is downloaded.
+Unless ``--no-encoders``, it also writes the tiny frozen models ``examples/tiny`` loads (so nothing is
+downloaded): T5 + CLIP text encoders (tokenizers learned from the captions) under
+``DIR/text_encoders/{t5,clip}`` and a tiny WFVAE at ``DIR/wfvae/wfvae_tiny.ckpt``.
 Output is deterministic for a given ``--seed`` and arguments.
 """
 
@@ -152,15 +153,28 @@ def caption_corpus() -> list[str]:
     return corpus
 
 
-def write_text_encoders(out: str, seed: int = 0) -> str:
-    """Tiny, real T5 + CLIP (tokenizers learned from the captions, random weights) under ``out/text_encoders``:
-    what the tiny preset loads instead of the 3B/700M released encoders (no downloads)."""
+def write_tiny_encoders(out: str, seed: int = 0) -> str:
+    """The frozen models the tiny preset loads instead of the released ones (no downloads), all real and
+    loadable through the same paths as released weights, with seeded random weights:
+
+    * ``out/text_encoders/{t5,clip}``: tiny T5 / CLIP, tokenizers learned from the captions;
+    * ``out/wfvae/wfvae_tiny.ckpt``: a tiny WFVAE (``tiny_wfvae_config``), to be fitted to the data with
+      ``python -m mm.training.vae_fit`` for meaningful reconstructions (``make demo`` does).
+    """
+    import torch
+
     from mm.models.tiny_text_encoders import write_tiny_clip, write_tiny_t5
+    from mm.models.wfvae import WFVAE, tiny_wfvae_config
 
     root = os.path.join(out, "text_encoders")
     write_tiny_t5(os.path.join(root, "t5"), caption_corpus(), seed=seed)
     write_tiny_clip(os.path.join(root, "clip"), caption_corpus(), seed=seed)
-    logger.info("wrote tiny T5 and CLIP text encoders to %s", root)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = WFVAE.from_upstream(tiny_wfvae_config())
+    os.makedirs(os.path.join(out, "wfvae"), exist_ok=True)
+    torch.save(vae.state_dict(), os.path.join(out, "wfvae", "wfvae_tiny.ckpt"))
+    logger.info("wrote tiny T5 and CLIP text encoders to %s and a tiny WFVAE to %s/wfvae", root, out)
     return root
 
 
@@ -173,16 +187,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=int, default=64, help="frame width, even (default 64)")
     p.add_argument("--fps", type=int, default=24, help="frames per second (default 24)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--no-text-encoders", action="store_true",
-                   help="do not write the tiny T5/CLIP under OUT/text_encoders (the tiny preset needs them)")
+    p.add_argument("--no-encoders", action="store_true",
+                   help="do not write the tiny T5/CLIP (OUT/text_encoders) and WFVAE (OUT/wfvae) that the tiny "
+                        "preset loads")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         path = write_dataset(a.out, a.num, a.frames, a.height, a.width, a.fps, a.seed)
     except ValueError as e:
         p.error(str(e))
-    if not a.no_text_encoders:
-        write_text_encoders(a.out, a.seed)
+    if not a.no_encoders:
+        write_tiny_encoders(a.out, a.seed)
     print(path)
     return 0
 
