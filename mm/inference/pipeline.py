@@ -198,6 +198,9 @@ class OpenSoraPlanPipeline:
                              "(--upstream-dit / predictor.from_pretrained)")
         if not spec.ae_checkpoint:
             raise ValueError("no WFVAE weights: pass --upstream-vae (or ae.from_pretrained in the JSON)")
+        if load is not None and parallel is None:
+            raise ValueError("loading a training checkpoint (--load) needs the process groups: call "
+                             "mm.distributed.init.init_parallel first and pass its ParallelState")
         weights = describe_weights(spec, load=load, use_ema=use_ema, collective=parallel is not None)
 
         vae = build_vae(spec).to(device)
@@ -205,9 +208,6 @@ class OpenSoraPlanPipeline:
         if load is not None:
             from mm.training.checkpointing import load_checkpoint
 
-            if parallel is None:
-                raise ValueError("loading a training checkpoint (--load) needs the process groups: call "
-                                 "mm.distributed.init.init_parallel first")
             # on the device first: the load then takes the same path as a training resume
             dit = build_suv(spec, parallel, params_dtype=torch_dtype(dtype)).to(device)
             iteration, _ = load_checkpoint(load, dit, None, use_ema=use_ema, load_rng=False)
