@@ -1,6 +1,7 @@
 """Atomic dist_checkpointing saves: resume exactness, resharding TP2 -> TP1/DP2, crash safety, pruning."""
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,7 +151,13 @@ def _save_then_crash(rank, world, root):
     model, ddp, opt = _train_objects(1)
     for it in (1, 2, 3):
         ck.save_checkpoint(root, it, model, opt, {"iteration": it}, keep_last=2)
-    assert sorted(p.name for p in __import__("pathlib").Path(root).glob("iter_*")) == ["iter_0000002", "iter_0000003"]
+    import re
+
+    import torch.distributed as dist
+
+    complete = sorted(p.name for p in Path(root).glob("iter_*") if re.fullmatch(r"iter_\d{7}", p.name))
+    assert complete == ["iter_0000002", "iter_0000003"], complete
+    dist.barrier()  # nobody starts the crashing save while another rank is still listing
     real_save = dist_checkpointing.save
 
     def crashing_save(*args, **kwargs):

@@ -28,12 +28,12 @@ def ws_one(tmp_path_factory):
 
 
 def _run_config(tp=1, sp=False, gbs=1, iters=4, lr=1e-3, save=None, load=None, save_interval=1000,
-                encoder_dp=False, distopt=True):
+                encoder_dp=False, distopt=True, adam_eps=1e-15):
     from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
 
     return RunConfig(
         parallel=ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=sp, encoder_data_parallel=encoder_dp),
-        optimizer=OptimizerConfig(lr=lr, min_lr=lr, use_distributed_optimizer=distopt),
+        optimizer=OptimizerConfig(lr=lr, min_lr=lr, use_distributed_optimizer=distopt, adam_eps=adam_eps),
         training=TrainingConfig(micro_batch_size=1, global_batch_size=gbs, train_iters=iters, seed=1234),
         checkpoint=CheckpointConfig(save=save, load=load, save_interval=save_interval),
     )
@@ -75,7 +75,10 @@ def test_loss_finite_and_falling_on_repeated_batch(ws_one, tp, sp):
 def _one_step_params(rank, world, ws, tp, init_ckpt):
     from mm.models.sparse_ummdit import gather_upstream_state_dict
 
-    t = _trainer(ws, _run_config(tp=tp, sp=tp > 1, gbs=1, iters=1, lr=1e-3), predictor_checkpoint=init_ckpt)
+    # Adam's first step is +-lr for any non-zero grad: a large eps keeps ~1e-9 grads (where TP and TP=1
+    # differ in rounding, even in sign) from turning into lr-sized differences (MEGATRON_CPU.md item 14)
+    t = _trainer(ws, _run_config(tp=tp, sp=tp > 1, gbs=1, iters=1, lr=1e-3, adam_eps=1e-6),
+                 predictor_checkpoint=init_ckpt)
     loss = t.train()[0].loss
     return loss, gather_upstream_state_dict(t.model)
 
