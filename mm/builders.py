@@ -65,8 +65,12 @@ def build_suv(spec: ModelSpec, parallel=None, params_dtype: torch.dtype = torch.
     """The SUV denoiser for this rank's TP layout; ``checkpoint`` = a released flat (TP-merged) state dict."""
     from mm.models.sparse_ummdit import SparseUMMDiT, load_upstream_checkpoint, load_upstream_state_dict
 
-    model = SparseUMMDiT(spec.suv_config(), parallel, params_dtype)
-    if checkpoint is not None:
-        load_upstream_state_dict(model, load_upstream_checkpoint(_existing(checkpoint, "SUV checkpoint")))
-        logger.info("loaded released SUV weights from %s", checkpoint)
+    if checkpoint is None:
+        return SparseUMMDiT(spec.suv_config(), parallel, params_dtype)
+    state = load_upstream_checkpoint(_existing(checkpoint, "SUV checkpoint"))
+    # no random init of what the checkpoint overwrites: build on meta, allocate, load this rank's slices
+    model = SparseUMMDiT(spec.suv_config(), parallel, params_dtype, device="meta")
+    model.to_empty(device="cpu")
+    load_upstream_state_dict(model, state)
+    logger.info("loaded released SUV weights from %s", checkpoint)
     return model

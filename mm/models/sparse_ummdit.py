@@ -424,7 +424,10 @@ def load_upstream_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         from safetensors.torch import load_file
 
         return load_file(path, device="cpu")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-map: every rank reads the ~17 GB release lazily, slicing only its TP shard
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # legacy (non-zip) torch.save format cannot be memory-mapped
+        state = torch.load(path, map_location="cpu", weights_only=True)
     while isinstance(state, Mapping) and "patch_embed.proj.weight" not in state:
         for wrapper in ("model", "ema_model", "state_dict", "module"):
             if isinstance(state.get(wrapper), Mapping):
