@@ -419,7 +419,10 @@ class WFVAE(nn.Module):
             chunks = [(0, num_latents, 0)]
         tiles = self._spatial_tiles(height, width)
         caches = [TemporalCache() for _ in range(1 + len(tiles))] if self.use_tiling else None
-        out = z.new_empty(batch, RGB, frames, height * SCALE_FACTOR[1], width * SCALE_FACTOR[2])
+        if len(chunks) == 1:
+            out = None  # return the decoder's output as is instead of copying it
+        else:
+            out = z.new_empty(batch, RGB, frames, height * SCALE_FACTOR[1], width * SCALE_FACTOR[2])
         written = 0
         for start, end, lookahead in chunks:
             streams = [Stream(cache, lookahead) for cache in caches] if caches else [None] * (1 + len(tiles))
@@ -433,9 +436,13 @@ class WFVAE(nn.Module):
                     l2_tile = l2[(..., *tile.slices(2))]  # the level-2 band is at 2x latent resolution
                     blender.add(tile, self.decoder.forward_local(h_tile, l2_tile, stream))
                 chunk = blender.result()
+            if out is None:
+                assert chunk.shape[2] == frames, (chunk.shape, frames)
+                return chunk
             keep = chunk.shape[2] - SCALE_FACTOR[0] * lookahead  # drop the look-ahead latent's frames
             out[:, :, written : written + keep] = chunk[:, :, :keep]
             written += keep
+            del h, l2, chunk  # free this chunk's activations before the next one is computed
         assert written == frames, (written, frames)
         return out
 
@@ -465,7 +472,8 @@ def _check_tensor(name: str, x: Any, channels: int) -> None:
         raise ValueError(f"WFVAE {name} must have {channels} channels (dim 1), got {x.shape[1]}")
     if min(x.shape) < 1:
         raise ValueError(f"WFVAE {name} must be non-empty, got shape {tuple(x.shape)}")
-    if x.device.type != "meta" and not bool(torch.isfinite(x).all()):
+    # min/max propagate NaN and expose inf without a video-sized temporary (isfinite allocates two)
+    if x.device.type != "meta" and not all(math.isfinite(v) for v in torch.aminmax(x)):
         raise ValueError(f"WFVAE {name} must be finite; got NaN or inf values")
 
 
