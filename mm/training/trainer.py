@@ -301,7 +301,9 @@ class Trainer:
                         self.tb.add_scalar(f"train/{k}", v, res.iteration)
 
     def _summary(self, build_seconds: float) -> None:
-        n_train = sum(p.numel() for p in self.model.parameters()) * self.ps.tp_size  # upper bound across TP
+        # TP-split parameters exist tp_size times over the group; replicated ones once
+        n_total = sum(p.numel() * (self.ps.tp_size if getattr(p, "tensor_model_parallel", False) else 1)
+                      for p in self.model.parameters())
         n_local = sum(p.numel() for p in self.model.parameters())
         frozen = sum(sum(p.numel() for p in m.parameters())
                      for m in (self.encoders.vae, self.encoders.t5, self.encoders.clip) if m is not None)
@@ -315,7 +317,7 @@ class Trainer:
             f"encoder-DP {self.run.parallel.encoder_data_parallel}",
             f"batch: micro {self.run.training.micro_batch_size} x DP {self.ps.dp_size} x {self.num_microbatches} "
             f"micro-batches = global {self.run.training.global_batch_size}",
-            f"SUV params: {n_local:,} on this rank (<= {n_train:,} over TP); frozen encoders {frozen:,}; "
+            f"SUV params: {n_total:,} ({n_local:,} on this rank); frozen encoders {frozen:,}; "
             f"dtype {self.param_dtype}",
             f"optimizer: {'distributed ' if self.run.optimizer.use_distributed_optimizer else ''}EMA-AdamW "
             f"lr {self.run.optimizer.lr} ({self.run.optimizer.lr_decay_style}), adaptive clipping "
