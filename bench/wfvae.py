@@ -1,27 +1,29 @@
 """WFVAE encode/decode throughput and peak memory, temporally tiled vs untiled, on this CPU (spec §4.7).
 
 The released architecture (depth, blocks, 32 latent channels) at a reduced channel width, random
-weights, fp32. Every (operation, tiling, frame count) runs in its own subprocess so that one run's heap
-does not hide another's peak:
+weights, fp32:
 
-* one untimed warm-up call first (oneDNN creates and caches its kernels per shape on first use);
-* peak memory = peak RSS during the next call minus the RSS just before it (model, input and kernel
-  caches already resident). The kernel's peak counter is reset through ``/proc/self/clear_refs`` and
-  glibc's mmap threshold is lowered in the worker so freed activation buffers go back to the OS;
-* throughput = batch x frames (pixel frames in or out) / the fastest of that call and ``--repeats - 1``
-  more.
+* throughput = batch x frames (pixel frames in or out) / the fastest of ``--repeats`` calls, after one
+  untimed warm-up call per variant (oneDNN builds and caches kernels per shape), tiled and untiled
+  calls interleaved so that background load hits both alike;
+* peak memory, in a child process started with glibc's mmap threshold lowered
+  (``MALLOC_MMAP_THRESHOLD_``) so activation buffers are mapped fresh and unmapped when freed and one
+  variant's heap cannot hide another's peak (not in the timing process: the page faults cost time):
+  after a warm-up call, the working memory of one call = its peak RSS minus the RSS just before it
+  (model, input and kernel caches resident) minus the size of the tensor it returns, which both modes
+  must hold. The kernel's peak counter is reset through ``/proc/self/clear_refs`` before that call.
 
-Tiled peak memory is bounded by the largest chunk (encode: 8 frames, decode: 4 latents + 1
-look-ahead), so it stays flat as frames grow apart from the output buffer itself; untiled grows with
-the frame count. The default batch is 2 because with batch 1 PyTorch's CPU conv3d switches to an
-im2col kernel (about 27x the input in scratch memory, and 2x slower) whenever channels x frames x
-height <= 20480, which the short chunks of a reduced-width model hit; that CPU-only artefact would
-dominate the tiled numbers (``--batch 1`` shows it). GPUs do not have it. Prints a table; the last line
-is one JSON object: ``{"bench": "wfvae", "frames": [F1, F2], "encode_fps": {"tiled": [..], "untiled":
-[..]}, "decode_fps": {...}, "peak_mb": {"tiled": [m1, m2], "untiled": [m1, m2]}}`` where ``peak_mb``
-is the larger of the encode and decode peaks.
+Tiled working memory is bounded by the largest chunk (encode: 8 frames, decode: 4 latents + 1
+look-ahead, plus the carried context) and stays flat as frames grow; untiled grows with the frame
+count. The default batch is 2 because with batch 1 PyTorch's CPU conv3d switches to an im2col kernel
+(about 27x the input in scratch memory, and 2x slower) whenever channels x frames x height <= 20480,
+which the short chunks of a reduced-width model hit; that CPU-only artefact would dominate the tiled
+numbers (``--batch 1`` shows it). GPUs do not have it. Prints a table; the last line is one JSON
+object: ``{"bench": "wfvae", "frames": [F1, F2], "encode_fps": {"tiled": [..], "untiled": [..]},
+"decode_fps": {...}, "peak_mb": {"tiled": [m1, m2], "untiled": [m1, m2]}}`` where ``peak_mb`` is the
+larger of the encode and decode working memories.
 
-    python bench/wfvae.py [--frames 41 121] [--size 128] [--base-channels 16] [--batch 2] [--repeats 1]
+    python bench/wfvae.py [--frames 41 121] [--size 96] [--base-channels 16] [--batch 2] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
 
 OPS = ("encode", "decode")
 MODES = ("untiled", "tiled")
@@ -53,9 +56,60 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def worker(args: argparse.Namespace) -> dict:
-    import torch
+def _working_mb(run, data) -> float:
+    before = _rss_mb("VmRSS")
+    _reset_peak_rss()
+    out = run(data)
+    return _rss_mb("VmHWM") - before - out.numel() * out.element_size() / 2**20
 
+
+def _inputs(vae, op: str, frames: int, args: argparse.Namespace):
+    torch.manual_seed(1)
+    if op == "encode":
+        return torch.rand(args.batch, 3, frames, args.size, args.size) * 2 - 1, vae.encode
+    t, h, w = vae.latent_size(frames, args.size, args.size)
+    return torch.randn(args.batch, 32, t, h, w), vae.decode
+
+
+def measure_speed(vae, op: str, frames: int, args: argparse.Namespace) -> dict:
+    """{mode: frames/s} for one operation and frame count."""
+    data, run = _inputs(vae, op, frames, args)
+    times: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for mode in MODES:
+        vae.use_tiling = mode == "tiled"
+        run(data)
+    for _ in range(args.repeats):
+        for mode in MODES:
+            vae.use_tiling = mode == "tiled"
+            start = time.perf_counter()
+            run(data)
+            times[mode].append(time.perf_counter() - start)
+    return {mode: args.batch * frames / min(times[mode]) for mode in MODES}
+
+
+def measure_memory(vae, op: str, frames: int, args: argparse.Namespace) -> dict:
+    """{mode: working MB} for one operation and frame count (run in the memory child process)."""
+    data, run = _inputs(vae, op, frames, args)
+    result = {}
+    for mode in MODES:
+        vae.use_tiling = mode == "tiled"
+        run(data)
+        result[mode] = _working_mb(run, data)
+    return result
+
+
+def _memory_child(args: argparse.Namespace) -> dict:
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--memory-child", "--frames", *map(str, args.frames),
+        "--size", str(args.size), "--base-channels", str(args.base_channels), "--batch", str(args.batch),
+        "--threads", str(args.threads), "--backend", args.backend,
+    ]  # fmt: skip
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _build(args: argparse.Namespace):
     from mm.ops import select_backend
 
     select_backend(args.backend, patch_megatron=False)  # the VAE needs no megatron
@@ -69,81 +123,63 @@ def worker(args: argparse.Namespace) -> dict:
         "base_channels": width,
         "encoder_energy_flow_hidden_size": width,
         "decoder_energy_flow_hidden_size": width,
-        "use_tiling": args.mode == "tiled",
     }
-    vae = WFVAE.from_upstream(config)
-    t, h, w = vae.latent_size(args.num_frames, args.size, args.size)
-    if args.op == "encode":
-        data = torch.rand(args.batch, 3, args.num_frames, args.size, args.size) * 2 - 1
-        run = vae.encode
-    else:
-        data = torch.randn(args.batch, 32, t, h, w)
-        run = vae.decode
-    run(data)
-    before = _rss_mb("VmRSS")
-    _reset_peak_rss()
-    start = time.perf_counter()
-    run(data)
-    times = [time.perf_counter() - start]
-    peak_mb = _rss_mb("VmHWM") - before
-    for _ in range(args.repeats - 1):
-        start = time.perf_counter()
-        run(data)
-        times.append(time.perf_counter() - start)
-    return {"fps": args.batch * args.num_frames / min(times), "peak_mb": peak_mb}
-
-
-def _spawn(args: argparse.Namespace, op: str, mode: str, frames: int) -> dict:
-    cmd = [
-        sys.executable, os.path.abspath(__file__), "--worker", op, mode, str(frames),
-        "--size", str(args.size), "--base-channels", str(args.base_channels), "--repeats", str(args.repeats),
-        "--threads", str(args.threads), "--backend", args.backend, "--batch", str(args.batch),
-    ]  # fmt: skip
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return WFVAE.from_upstream(config)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", type=int, nargs=2, default=[41, 121], help="two frame counts (8n+1)")
-    parser.add_argument("--size", type=int, default=128, help="frame height = width in pixels (multiple of 8)")
+    parser.add_argument("--size", type=int, default=96, help="frame height = width in pixels (multiple of 8)")
     parser.add_argument("--base-channels", type=int, default=16, help="reduced width (released: 160)")
-    parser.add_argument("--repeats", type=int, default=1, help="timed calls per variant (the first also measures memory)")
     parser.add_argument("--batch", type=int, default=2, help="videos per call (see the docstring for 1)")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--worker", nargs=3, metavar=("OP", "MODE", "FRAMES"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.worker:
-        args.op, args.mode, args.num_frames = args.worker[0], args.worker[1], int(args.worker[2])
-        print(json.dumps(worker(args)))
+    vae = _build(args)
+    if args.memory_child:
+        memory = {f"{op} {f}": measure_memory(vae, op, f, args) for op in OPS for f in args.frames}
+        print(json.dumps(memory))
         return
+    speed = {(op, f): measure_speed(vae, op, f, args) for op in OPS for f in args.frames}
+    memory = _memory_child(args)
+    results = {
+        key: {mode: {"fps": speed[key][mode], "peak_mb": memory[f"{key[0]} {key[1]}"][mode]} for mode in MODES}
+        for key in speed
+    }
+    width = args.base_channels
 
-    results = {(op, mode, f): _spawn(args, op, mode, f) for op in OPS for f in args.frames for mode in MODES}
-    print(f"WFVAE released depth, base width {args.base_channels}, batch {args.batch} x {args.size}x{args.size}, "
-          f"fp32, {args.threads} threads, default chunks (encode 8 frames, decode 4 latents)")  # fmt: skip
-    header = f"{'op':>6} | {'frames':>6} | {'untiled fps':>11} | {'tiled fps':>9} | {'speed':>5} | {'untiled MB':>10} | {'tiled MB':>8} | {'mem':>5}"
+    print(f"WFVAE released depth, base width {width}, batch {args.batch} x {args.size}x{args.size}, fp32, "
+          f"{args.threads} threads, default chunks (encode 8 frames, decode 4 latents)")  # fmt: skip
+    header = (
+        f"{'op':>6} | {'frames':>6} | {'untiled fps':>11} | {'tiled fps':>9} | {'speed':>5} | "
+        f"{'untiled MB':>10} | {'tiled MB':>8} | {'mem':>5}"
+    )
     print(header)
     print("-" * len(header))
     for op in OPS:
         for f in args.frames:
-            u, t = results[(op, "untiled", f)], results[(op, "tiled", f)]
+            u, t = results[(op, f)]["untiled"], results[(op, f)]["tiled"]
             print(
                 f"{op:>6} | {f:>6} | {u['fps']:11.2f} | {t['fps']:9.2f} | {t['fps'] / u['fps']:5.2f} | "
                 f"{u['peak_mb']:10.1f} | {t['peak_mb']:8.1f} | {t['peak_mb'] / max(u['peak_mb'], 1e-9):5.2f}"
             )
-    print("(speed = tiled fps / untiled fps, mem = tiled MB / untiled MB)")
+    print("(speed = tiled fps / untiled fps; MB = working memory above model + input, output excluded; "
+          "mem = tiled MB / untiled MB)")  # fmt: skip
+
+    def per_mode(op: str, key: str, digits: int) -> dict:
+        return {m: [round(results[(op, f)][m][key], digits) for f in args.frames] for m in ("tiled", "untiled")}
+
+    encode_mb, decode_mb = per_mode("encode", "peak_mb", 1), per_mode("decode", "peak_mb", 1)
     summary = {
         "bench": "wfvae",
         "frames": list(args.frames),
-        "encode_fps": {m: [round(results[("encode", m, f)]["fps"], 3) for f in args.frames] for m in ("tiled", "untiled")},
-        "decode_fps": {m: [round(results[("decode", m, f)]["fps"], 3) for f in args.frames] for m in ("tiled", "untiled")},
-        "peak_mb": {
-            m: [round(max(results[(op, m, f)]["peak_mb"] for op in OPS), 1) for f in args.frames]
-            for m in ("tiled", "untiled")
-        },
+        "encode_fps": per_mode("encode", "fps", 3),
+        "decode_fps": per_mode("decode", "fps", 3),
+        "peak_mb": {m: [max(e, d) for e, d in zip(encode_mb[m], decode_mb[m])] for m in ("tiled", "untiled")},
     }
     print(json.dumps(summary))
 
