@@ -83,7 +83,7 @@ def test_tiled_equals_untiled(vae, frames):
     torch.testing.assert_close(y_tiled, y, rtol=0, atol=ATOL)
 
 
-@pytest.mark.parametrize("encode_chunk_frames,decode_chunk_latents", [(16, 1), (24, 2), (8, 3)])
+@pytest.mark.parametrize("encode_chunk_frames,decode_chunk_latents", [(16, 1), (24, 3)])
 def test_tiled_equals_untiled_for_other_chunk_sizes(encode_chunk_frames, decode_chunk_latents):
     vae = _model(encode_chunk_frames=encode_chunk_frames, decode_chunk_latents=decode_chunk_latents)
     x = _video(33)
