@@ -19,8 +19,8 @@ reach keep the frames the next chunk needs. This module is the clean version of 
   operator precedence (spec §12 item 9).
 
 Chunk plans are computed per call from the frame count (spec §12 item 10: nothing is frozen at the
-first call); the streaming is exact for any chunk boundaries (even ones, for the encoder), including
-1-frame chunks and T = 1. The plans balance chunk sizes: PyTorch's CPU conv3d falls back to an im2col
+first call); the streaming is exact for any chunk boundaries, including 1-frame chunks and T = 1 (the
+encoder needs every chunk after a first of 1 + 8k frames to be a multiple of 8 frames). The plans balance chunk sizes: PyTorch's CPU conv3d falls back to an im2col
 kernel with ~27x memory for short inputs, so a tiny trailing chunk would cost more than a full one.
 """
 
