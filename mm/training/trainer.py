@@ -283,7 +283,7 @@ class Trainer:
         if _is_rank0():
             logger.info(
                 "iter %6d/%d | loss %.5f | lr %.3e | grad norm %.4f | clip thr %.4f | %s | skipped %d | "
-                "step %.2fs | %.2f samples/s | %.3f TFLOP/s/device | MFU %s",
+                "step %.2fs | %.2f samples/s | %.3g TFLOP/s/device | MFU %s",
                 res.iteration, self.run.training.train_iters, res.loss, res.lr, res.grad_norm, thr, res.action,
                 c.num_skipped, avg_step, gbs / avg_step, tflops, f"{100 * m:.1f}%" if m is not None else "n/a",
             )
