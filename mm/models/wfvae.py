@@ -367,15 +367,33 @@ class WFVAE(nn.Module):
         ``sample=False`` returns the posterior mean, ``True`` a sample ``mean + std * eps`` (eps from
         ``generator``). Runs and returns in the VAE dtype.
         """
-        _check_tensor("video", video, RGB)
+        mean, logvar = self.encode_posterior(video)
+        z = self.sample_posterior(mean, logvar, generator) if sample else mean
+        return self.normalise_latents(z)
+
+    def encode_posterior(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Video (B, 3, T, H, W) in [-1, 1] -> the raw (un-normalised) posterior ``(mean, logvar)``.
+
+        Each is (B, latent, (T-1)/8 + 1, H/8, W/8); ``logvar`` is clamped to [-30, 20] (spec §4.6).
+        Differentiable (``encode`` is this under ``no_grad`` plus sampling and normalisation); used by
+        ``mm.training.vae_fit``. Runs and returns in the VAE dtype.
+        """
+        _check_tensor("video", _detached(video), RGB)
         _check_video_size(*video.shape[2:])
         moments = self._encode_moments(video.to(device=self.device, dtype=self.dtype))
-        mean, logvar = moments.chunk(2, dim=1)  # [B, latent, t, h, w] each
-        z = mean
-        if sample:
-            std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            z = mean + std * noise
+        mean, logvar = moments.chunk(2, dim=1)  # [B, 2*latent, t, h, w] -> [B, latent, t, h, w] each
+        return mean, logvar.clamp(*LOGVAR_RANGE)
+
+    @staticmethod
+    def sample_posterior(
+        mean: torch.Tensor, logvar: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """A posterior sample ``mean + exp(logvar / 2) * eps``, ``eps ~ N(0, 1)`` drawn from ``generator``."""
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + torch.exp(0.5 * logvar) * noise
+
+    def normalise_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw latents -> normalised ``(z - shift) * scale`` with the config's per-channel values (spec §4.6)."""
         return (z - _per_channel(self.latent_shift)) * _per_channel(self.latent_scale)
 
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
@@ -406,8 +424,16 @@ class WFVAE(nn.Module):
         """Normalised latents (B, latent, t, h, w) -> video (B, 3, 8(t-1) + 1, 8h, 8w), in the VAE dtype."""
         _check_tensor("latents", z, self.config.latent_dim)
         z = z.to(device=self.device, dtype=self.dtype)
-        z = z / _per_channel(self.latent_scale) + _per_channel(self.latent_shift)
-        return self._decode_frames(z)
+        return self.decode_latents(z / _per_channel(self.latent_scale) + _per_channel(self.latent_shift))
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Raw (un-normalised) latents (B, latent, t, h, w) -> video (B, 3, 8(t-1) + 1, 8h, 8w).
+
+        Differentiable (``decode`` is this under ``no_grad`` after de-normalising); used by
+        ``mm.training.vae_fit``. Runs and returns in the VAE dtype.
+        """
+        _check_tensor("latents", _detached(z), self.config.latent_dim)
+        return self._decode_frames(z.to(device=self.device, dtype=self.dtype))
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output, streamed in latent chunks (one look-ahead latent) / spatial tiles when enabled."""
@@ -460,6 +486,11 @@ class WFVAE(nn.Module):
 
 def _per_channel(values: torch.Tensor) -> torch.Tensor:
     return values.view(1, -1, 1, 1, 1)
+
+
+def _detached(x: Any) -> Any:
+    """The input checks read values only; reading them from a tensor that requires grad warns."""
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _check_tensor(name: str, x: Any, channels: int) -> None:
