@@ -1,0 +1,28 @@
+"""`make demo` shortened (a few steps of every phase), end to end, as CI runs it."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tiny_workspace import ROOT
+
+
+def test_quick_demo_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    env = dict(os.environ, MM_BACKEND="cpu")
+    r = subprocess.run([sys.executable, "-m", "mm.demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    for phase in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
+        assert phase in r.stdout
+    assert "colour agreement:" in r.stdout
+    clips = sorted(p.name for p in (out / "samples").glob("*.mp4"))
+    assert len(clips) == 2 and all((out / "samples" / c).with_suffix(".json").exists() for c in clips)
+    score = json.loads((out / "colour_agreement.json").read_text())["score"]
+    assert 0.0 <= score <= 1.0
+    png = (out / "loss_curve.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    summary = (out / "summary.md").read_text()
+    assert "Colour agreement" in summary and "| total |" in summary
+    assert (out / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
