@@ -24,9 +24,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FULL = dict(clips=48, frames=17, size=64, vae_steps=300, train_iters=600, lr=1e-3, infer_steps=24, prompts=12,
-            text_len=16, save_interval=200)
-QUICK = dict(clips=4, frames=9, size=32, vae_steps=3, train_iters=2, lr=1e-3, infer_steps=2, prompts=2,
+FULL = dict(clips=48, frames=17, size=64, vae_steps=800, train_iters=1200, batch=4, lr=1e-3, infer_steps=24,
+            prompts=12, text_len=16, save_interval=400)
+QUICK = dict(clips=4, frames=9, size=32, vae_steps=3, train_iters=2, batch=2, lr=1e-3, infer_steps=2, prompts=2,
              text_len=16, save_interval=2)
 PROMPTS = ["a red square moving right", "a blue circle moving up", "a green triangle moving left",
            "a yellow square moving down", "a purple circle moving right", "an orange triangle moving up",
@@ -125,8 +125,10 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
-    env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+    # one process phases use both cores; the 2-process (torchrun) phases one thread each
+    env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="2", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", PYTHONWARNINGS="ignore")
+    env_2proc = dict(env, OMP_NUM_THREADS="1")
     py = sys.executable
     torchrun = str(Path(py).parent / "torchrun")
     times: dict[str, float] = {}
@@ -162,19 +164,20 @@ def main(argv=None) -> int:
     ckpt = out / "ckpt"
     _run([torchrun, "--nproc_per_node", "2", "pretrain_sora.py", "--mm-model", str(paths["model"]),
           "--mm-data", str(paths["data"]), "--tensor-model-parallel-size", "2", "--sequence-parallel",
-          "--micro-batch-size", "1", "--global-batch-size", "2", "--train-iters", str(p["train_iters"]),
+          "--micro-batch-size", str(p["batch"]), "--global-batch-size", str(p["batch"]),
+          "--train-iters", str(p["train_iters"]),
           "--lr", str(p["lr"]), "--min-lr", str(p["lr"] / 10), "--lr-decay-style", "cosine", "--lr-warmup-iters",
           str(max(1, p["train_iters"] // 20)), "--weight-decay", "0.0", "--use-distributed-optimizer",
           "--save", str(ckpt), "--load", str(ckpt), "--save-interval", str(p["save_interval"]),
           "--log-interval", str(max(1, p["train_iters"] // 60)), "--data-num-workers", "0"],
-         logs / "train.log", env)
+         logs / "train.log", env_2proc)
     times["train"] = time.time() - times["train"]
 
     phase("infer", "batch inference on the demo prompts (2 processes, TP=2 + SP)")
     samples = out / "samples"
     _run([torchrun, "--nproc_per_node", "2", "inference_sora.py", "--mm-model", str(paths["inference"]),
           "--load", str(ckpt), "--prompt-file", str(paths["prompts"]), "--save-path", str(samples),
-          "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seed", "0"], logs / "infer.log", env)
+          "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seed", "0"], logs / "infer.log", env_2proc)
     times["infer"] = time.time() - times["infer"]
 
     phase("evaluate", "colour agreement, loss curve, summary")
@@ -190,7 +193,7 @@ def main(argv=None) -> int:
     (out / "colour_agreement.json").write_text(json.dumps({"score": score, "clips": rows}, indent=1))
     summary = [
         "# Demo summary", "",
-        f"Tiny SUV trained for {p['train_iters']} iterations (TP=2 + SP, 2 gloo processes, CPU) on "
+        f"Tiny SUV trained for {p['train_iters']} iterations of {p['batch']} clips (TP=2 + SP, 2 gloo processes, CPU) on "
         f"{p['clips']} synthetic clips ({p['frames']}x{p['size']}x{p['size']}); tiny WFVAE fitted for "
         f"{p['vae_steps']} steps.", "",
         f"**Colour agreement: {score:.2f}** over {len(rows)} prompts (chance {1 / 6:.2f}).", "",
