@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tiny_workspace import ROOT
 
 
+@pytest.mark.timeout(900)
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, MM_BACKEND="cpu")
