@@ -8,6 +8,11 @@ mask (never an ``S x S`` mask), inverse regrouping and the mean of the ``k`` tex
 Layouts: the block runs sequence-first ``[S, B, E]``; under sequence parallelism the block's inputs are
 sequence shards and the column-parallel projections all-gather the sequence, so attention always sees the
 full sequences with this rank's heads.
+
+Ulysses context parallelism (spec §3.3): when ``ctx.cp`` has size > 1 the block's inputs are this CP
+rank's sequence chunks; an all-to-all over the CP group turns each projection ``[S/CP, B, nh/TP, hd]`` into
+``[S, B, nh/(TP*CP), hd]`` before QK-norm, RoPE (full-sequence tables), skiparse and the kernel, and the
+inverse all-to-all runs on both outputs before the out-projections. Masks are built for the full sequence.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 import torch.nn as nn
 
 import mm.ops
+from mm.distributed.context_parallel import CPContext, heads_to_seq, seq_to_heads
 from mm.distributed.tp_layers import TPContext, column_parallel, row_parallel
 from mm.models import skiparse
 from mm.models.layers import QKNorm
@@ -28,7 +34,9 @@ class AttentionContext:
     """Per-forward inputs shared by every block: RoPE tables and the key-validity masks.
 
     ``video_keep`` ``[B, Lv]`` / ``text_keep`` ``[B, Lt]`` bool (True = valid) or None (all valid). Key masks
-    are built once per (k, pattern) and cached for the rest of the forward.
+    are built once per (k, pattern) and cached for the rest of the forward. ``video_len`` / ``text_len`` and
+    the RoPE tables are for the full sequences, also under context parallelism (``cp``: the CP group, or
+    None / size 1 for none).
     """
 
     cos: torch.Tensor  # [Lv, 1, 1, hd] fp32
@@ -38,6 +46,7 @@ class AttentionContext:
     text_len: int
     video_keep: torch.Tensor | None = None
     text_keep: torch.Tensor | None = None
+    cp: CPContext | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def key_mask(self, k: int, group: bool, batch: int, device) -> torch.Tensor | None:
@@ -136,20 +145,31 @@ class JointAttention(nn.Module):
 
     def forward(self, x_SBE: torch.Tensor, y_SBE: torch.Tensor, ctx: AttentionContext, sparse_k: int,
                 group: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """video ``[Sv, B, D]``, text ``[St, B, D]`` (sequence shards under SP) -> (video, text or None)."""
-        q = self.norm_q(self._heads(self.to_q, x_SBE))
-        k = self.norm_k(self._heads(self.to_k, x_SBE))
-        v = self._heads(self.to_v, x_SBE)
+        """video ``[Sv, B, D]``, text ``[St, B, D]`` (sequence shards under SP / CP) -> (video, text or None)."""
+        cp = ctx.cp if ctx.cp is not None and ctx.cp.size > 1 else None
+        if cp is not None and self.local_heads % cp.size:
+            raise ValueError(f"num_heads/TP = {self.local_heads} is not divisible by the CP size {cp.size}")
+
+        def heads(linear, x):  # CP: scatter heads, gather the sequence
+            h = self._heads(linear, x)
+            return seq_to_heads(h, cp) if cp is not None else h
+
+        q = self.norm_q(heads(self.to_q, x_SBE))
+        k = self.norm_k(heads(self.to_k, x_SBE))
+        v = heads(self.to_v, x_SBE)
         q = mm.ops.apply_rope(q, ctx.cos, ctx.sin, ctx.chunks)
         k = mm.ops.apply_rope(k, ctx.cos, ctx.sin, ctx.chunks)
-        kt = self.norm_added_k(self._heads(self.add_k_proj, y_SBE))
-        vt = self._heads(self.add_v_proj, y_SBE)
-        qt = None if self.context_pre_only else self.norm_added_q(self._heads(self.add_q_proj, y_SBE))
+        kt = self.norm_added_k(heads(self.add_k_proj, y_SBE))
+        vt = heads(self.add_v_proj, y_SBE)
+        qt = None if self.context_pre_only else self.norm_added_q(heads(self.add_q_proj, y_SBE))
 
         B = q.shape[1]
         mask = ctx.key_mask(sparse_k, group, B, q.device)
         out_v, out_t = joint_attention(q, k, v, qt, kt, vt, sparse_k=sparse_k, group=group, key_mask=mask,
                                        scale=self.head_dim ** -0.5)
+        if cp is not None:  # CP: scatter the sequence, gather the heads back
+            out_v = heads_to_seq(out_v, cp)
+            out_t = heads_to_seq(out_t, cp) if out_t is not None else None
         # [L, B, H, hd] -> [L, B, H*hd]; row-parallel out-projections (reduce-scatter the sequence under SP)
         a, _ = self.to_out[0](out_v.reshape(*out_v.shape[:2], -1))
         a = self.to_out[1](a)

@@ -3,12 +3,14 @@
 Patchify -> conditioning (timestep + pooled CLIP) and caption projection -> (SP scatter) -> encoder stages
 push long skips -> middle stage -> decoder stages pop and fuse them -> two-LayerNorm output head ->
 (SP gather) -> ``proj_out`` -> unpatchify. Everything between the scatter and the gather runs
-sequence-first ``[S, B, E]``.
+sequence-first ``[S, B, E]``. Under Ulysses context parallelism (spec §3.3) the latent frames and the
+caption tokens are split over the CP group first, the attention all-to-alls gather the full sequences
+(``mm.distributed.context_parallel``), and the output is all-gathered along frames at the end.
 
 Parameter names are the released key space (§2.11): one key set for every TP size (the last block's dead
 text modules are omitted; they and megatron's ``_extra_state`` entries are dropped on load, every other
 key is strict). Tensor parallelism uses megatron-core ``ColumnParallelLinear`` / ``RowParallelLinear``
-(also at TP = 1); the TP group and the SP flag are handed in through a ``ParallelState``.
+(also at TP = 1); the TP group, the SP flag and the CP group are handed in through a ``ParallelState``.
 
 Public API::
 
@@ -30,6 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mm.distributed.context_parallel import CPContext, gather_output, split_input
 from mm.distributed.tp_layers import (
     TPContext,
     allreduce_sequence_parallel_grads,
@@ -88,12 +91,13 @@ class SparseUMMDiT(nn.Module):
         current_backend()  # megatron must be patched (cpu/npu) before it is imported
         if not isinstance(config, SUVConfig):
             raise ValueError(f"config must be an SUVConfig, got {type(config).__name__} (use SUVConfig.from_upstream)")
-        if parallel is not None and getattr(parallel, "cp_size", 1) != 1:
-            raise ValueError(f"context_parallel_size={parallel.cp_size}: allowed 1 (SparseUMMDiT implements TP + SP; "
-                             "Ulysses CP is not wired into its attention yet)")
         self.suv_config = cfg = config
         self.tp = tp = TPContext.from_parallel_state(parallel)
+        self.cp = cp = CPContext.from_parallel_state(parallel)
         cfg.validate_tp(tp.size)
+        if cfg.num_heads % (tp.size * cp.size):
+            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by TP x CP = {tp.size} x {cp.size} "
+                             "(Ulysses context parallelism splits the heads of each TP rank over CP)")
         device = torch.device(device) if device is not None else None
         on_meta = device is not None and device.type == "meta"
         self.config = build_megatron_config(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
@@ -206,6 +210,7 @@ class SparseUMMDiT(nn.Module):
             text_mask = text_mask.squeeze(1)
         if pooled.dim() == 3:
             pooled = pooled.squeeze(1)
+        cp = self.cp
         B, _, T, H, W = latents.shape
         timestep = timestep.reshape(-1).expand(B) if timestep.numel() == 1 else timestep
         p = cfg.patch_size
@@ -213,9 +218,12 @@ class SparseUMMDiT(nn.Module):
             raise ValueError(f"latent height/width {H}x{W} must be divisible by patch_size={p}")
         grid = (T, H // p, W // p)
         Lv, Lt = T * grid[1] * grid[2], text_hidden.shape[1]
-        if tp.sequence_parallel and (Lv % tp.size or Lt % tp.size):
+        if cp.size > 1 and (T % cp.size or Lt % cp.size):
+            raise ValueError(f"context parallel needs latent frames ({T}) and text tokens ({Lt}) divisible by the "
+                             f"CP size {cp.size}")
+        if tp.sequence_parallel and ((Lv // cp.size) % tp.size or (Lt // cp.size) % tp.size):
             raise ValueError(f"sequence parallel needs video tokens ({Lv}) and text tokens ({Lt}) divisible by "
-                             f"the TP size {tp.size}")
+                             f"TP x CP = {tp.size} x {cp.size}")
 
         # key validity masks (None = all valid)
         video_keep = None
@@ -227,16 +235,20 @@ class SparseUMMDiT(nn.Module):
         text_keep = None if bool(text_keep.all()) else text_keep
 
         dtype = self.params_dtype
-        x = self.patch_embed(latents)  # [Lv, B, D]
+        # CP: this rank's frames / caption tokens (masks, RoPE and lengths above stay full-sequence). Split in
+        # eval too (upstream splits only when training; its eval at CP > 1 would mis-gather in attention).
+        latents_in = split_input(latents, 2, cp, "latent frames")
+        text_hidden = split_input(text_hidden, 1, cp, "caption tokens")
+        x = self.patch_embed(latents_in)  # [Lv/CP, B, D]
         c = self.time_text_embed(timestep, pooled)  # [B, Dt] fp32
         # SiLU(c) feeds every adaLN GEMM; its grad is TP-summed once here (each rank owns different rows).
         cond = copy_to_tp(F.silu(c), tp)
-        y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt, B, D]
+        y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt/CP, B, D]
         x, y = scatter_sequence(x, tp), scatter_sequence(y, tp)  # SP: this rank's sequence chunk
 
         cos, sin = self._rope(grid, x.device)
         ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lv, text_len=Lt,
-                               video_keep=video_keep, text_keep=text_keep)
+                               video_keep=video_keep, text_keep=text_keep, cp=cp)
         mid = cfg.num_stages // 2
         skips = []
         for s, stage in enumerate(self.transformer_blocks):
@@ -251,9 +263,10 @@ class SparseUMMDiT(nn.Module):
                 skips.append((x, y))
 
         x = self.norm_out(self.norm_final(x), cond)  # two LayerNorms in a row, as released
-        x = gather_sequence(x, tp)  # [Lv, B, D]
-        x = self.proj_out(x)  # [Lv, B, pt*p*p*C]
-        return self._unpatchify(x, B, grid).to(latents.dtype)
+        x = gather_sequence(x, tp)  # [Lv/CP, B, D]
+        x = self.proj_out(x)  # [Lv/CP, B, pt*p*p*C]
+        out = self._unpatchify(x, B, (T // cp.size, *grid[1:]))
+        return gather_output(out, 2, cp).to(latents.dtype)  # CP: all frames (backward: own frames x CP)
 
     def _unpatchify(self, x: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[t*hp*wp, B, (o a b c)] -> (B, C, t*pt, hp*p, wp*p)`` with channel fastest in the features."""

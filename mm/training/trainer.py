@@ -69,11 +69,10 @@ class Trainer:
         data_cfg = data_cfg.replace(load_video_features=video_cache, load_text_features=text_cache)
         self.spec, self.data_cfg, self.run = spec, data_cfg, run
         t0 = time.time()
-        if run.parallel.pipeline_model_parallel_size > 1 or run.parallel.context_parallel_size > 1:
-            raise ValueError("the SUV trainer supports TP (+SP) x DP; pipeline_model_parallel_size="
-                             f"{run.parallel.pipeline_model_parallel_size} and context_parallel_size="
-                             f"{run.parallel.context_parallel_size} must be 1 (PP stage split and Ulysses CP "
-                             "are not implemented yet)")
+        if run.parallel.pipeline_model_parallel_size > 1:
+            raise ValueError("the SUV trainer supports TP (+SP) x CP (Ulysses) x DP; pipeline_model_parallel_size="
+                             f"{run.parallel.pipeline_model_parallel_size} must be 1 (PP stage split is not "
+                             "implemented yet)")
         self.ps: ParallelState = init_parallel(run.parallel, run.backend.name)
         self.backend = current_backend()
         tr = run.training
