@@ -201,7 +201,9 @@ class Trainer:
 
         def loss_func(output):
             loss = flow_matching_loss(output, target, feats.video_mask)
-            return loss, {"loss": loss.detach()}
+            # megatron's schedule scales the returned loss in place (x CP size, / micro-batches): log a copy.
+            # The loss is computed on the full (CP-gathered) output on every CP rank, so undo its x CP.
+            return loss / self.ps.cp_size, {"loss": loss.detach().clone()}
 
         return pred, loss_func
 

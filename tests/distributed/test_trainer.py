@@ -211,3 +211,28 @@ def test_training_from_the_feature_cache(ws, tmp_path):
                                           timeout=180)[0]
     assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
     assert no_encoders  # the frozen encoders are not even built when training from the cache
+
+
+def _logged_vs_micro_losses(rank, world, ws):
+    t = _trainer(ws, _run_config(tp=1, gbs=2, iters=1))  # 2 micro-batches per step
+    raw = []
+    step = t.forward_step
+
+    def forward_step(it, model):
+        out, loss_func = step(it, model)
+
+        def recording(output):
+            loss, logged = loss_func(output)
+            raw.append(float(logged["loss"]))
+            return loss, logged
+
+        return out, recording
+
+    t.forward_step = forward_step
+    return t.train()[0].loss, raw
+
+
+def test_logged_loss_is_the_mean_over_micro_batches(ws):
+    logged, raw = run_distributed(_logged_vs_micro_losses, 1, args=(ws,), timeout=120)[0]
+    assert len(raw) == 2
+    assert logged == pytest.approx(sum(raw) / 2, rel=1e-6)
