@@ -44,6 +44,9 @@ def apply(backend: str) -> list[str]:
             )
     done += apply_patches(patches, phase="post_import")
     _applied_backends.add(backend)
+    if done:  # one line at INFO; each patch (target, reason) at DEBUG
+        logger.info("megatron-core %s: applied %d %s patches (%s)", megatron.core.__version__, len(done), backend,
+                    ", ".join(done))
     return done
 
 

@@ -90,13 +90,13 @@ def apply_patches(patches: Iterable[Patch], phase: str | None = None) -> list[st
         if (phase and p.phase != phase) or p.name in _applied:
             continue
         if p.condition is not None and not p.condition():
-            logger.info("megatron patch %s not needed here (condition false)", p.name)
+            logger.debug("megatron patch %s not needed here (condition false)", p.name)
             continue
         owner, attr = _resolve(p.target)
         original = _get(owner, attr)
         _set(owner, attr, p.build(None if original is _MISSING else original))
         _applied[p.name] = _Applied(p, owner, attr, original)
-        logger.info("megatron patch %s -> %s (%s)", p.name, p.target, p.reason)
+        logger.debug("megatron patch %s -> %s (%s)", p.name, p.target, p.reason)
         done.append(p.name)
     return done
 
@@ -107,7 +107,7 @@ def restore(names: Iterable[str] | None = None) -> list[str]:
     for n in order:
         a = _applied.pop(n)
         _set(a.owner, a.attr, a.original)
-        logger.info("megatron patch %s restored", n)
+        logger.debug("megatron patch %s restored", n)
     return order
 
 
