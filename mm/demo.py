@@ -24,8 +24,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FULL = dict(clips=48, frames=17, size=64, vae_steps=800, train_iters=1200, batch=4, lr=1e-3, infer_steps=24,
-            prompts=12, text_len=16, save_interval=400)
+FULL = dict(clips=48, frames=17, size=64, vae_steps=800, train_iters=2000, batch=4, lr=1e-3, infer_steps=24,
+            prompts=12, text_len=16, save_interval=500)
 QUICK = dict(clips=4, frames=9, size=32, vae_steps=3, train_iters=2, batch=2, lr=1e-3, infer_steps=2, prompts=2,
              text_len=16, save_interval=2)
 PROMPTS = ["a red square moving right", "a blue circle moving up", "a green triangle moving left",
