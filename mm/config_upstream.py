@@ -66,6 +66,8 @@ INFERENCE_KEYS = {
     "fps": "output video fps",
     "prompt": "prompt file (one per line) or a literal prompt",
     "device": "ignored: the backend switch (--backend / MM_BACKEND) decides the device",
+    "prompt_template": "positive text around each prompt (default v1.5's 'high quality, {prompt}')",
+    "default_negative_prompt": "the unconditional text before the user's negative prompt (default v1.5's)",
 }
 TEXT_ENCODER_KEYS = {"hub_backend", "model_id", "from_pretrained", "low_cpu_mem_usage", "autotokenizer_name",
                      "dtype", "model_max_length"}
@@ -187,6 +189,8 @@ class InferenceSpec(ModelSpec):
     fps: int = 24
     save_path: str = "./samples"
     prompt: str | None = None
+    prompt_template: str | None = None  # None: the v1.5 template (mm.inference.prompts)
+    default_negative_prompt: str | None = None  # None: the v1.5 negative prompt
 
     def __post_init__(self):
         super().__post_init__()
@@ -270,6 +274,8 @@ def load_inference_json(path_or_dict: str | os.PathLike | dict) -> InferenceSpec
         fps=int(cfg.get("fps", 24)),
         save_path=cfg.get("save_path", "./samples"),  # an output: relative to the working directory
         prompt=prompt,
+        prompt_template=cfg.get("prompt_template"),
+        default_negative_prompt=cfg.get("default_negative_prompt"),
     )
 
 

@@ -39,7 +39,7 @@ import torch
 from mm.config import check, check_choice, check_positive
 from mm.config_upstream import InferenceSpec
 from mm.diffusion import sampler
-from mm.inference.prompts import negative_text, positive_text
+from mm.inference.prompts import DEFAULT_NEGATIVE_PROMPT, POSITIVE_TEMPLATE, negative_text, positive_text
 from mm.inference.video_io import to_uint8
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,12 @@ class SamplingConfig:
     guidance_rescale: float = 0.7
     schedule: str = "static_shift"  # static_shift | dynamic_shift | linear_quadratic
     shift: float = 7.0  # static_shift only
-    negative_prompt: str = ""  # appended to the v1.5 default negative prompt
+    negative_prompt: str = ""  # appended to the default negative prompt
     use_attention_mask: bool = True  # T5 padding mask on the text keys (upstream pipeline_config)
+    # the texts the model was trained around (v1.5: "high quality, {prompt}" and its negative prompt; a
+    # model trained on plain captions, like the tiny demo, wants "{prompt}" and "")
+    prompt_template: str = POSITIVE_TEMPLATE
+    default_negative_prompt: str = DEFAULT_NEGATIVE_PROMPT
 
     def __post_init__(self):
         check(isinstance(self.num_frames, int) and self.num_frames >= 1 and (self.num_frames - 1) % 8 == 0,
@@ -78,6 +82,7 @@ class SamplingConfig:
         check(self.schedule != "linear_quadratic" or self.num_inference_steps % 2 == 0, "num_inference_steps",
               self.num_inference_steps, "an even number with the linear_quadratic schedule")
         check(isinstance(self.negative_prompt, str), "negative_prompt", self.negative_prompt, "a string")
+        check("{prompt}" in self.prompt_template, "prompt_template", self.prompt_template, "a string with '{prompt}'")
 
     @classmethod
     def from_spec(cls, spec: InferenceSpec, **overrides) -> "SamplingConfig":
@@ -93,6 +98,10 @@ class SamplingConfig:
                     num_inference_steps=d.num_inference_steps, guidance_scale=d.guidance_scale,
                     guidance_rescale=d.guidance_rescale, schedule=schedule, shift=d.shift,
                     use_attention_mask=spec.use_attention_mask)
+        if spec.prompt_template is not None:
+            base["prompt_template"] = spec.prompt_template
+        if spec.default_negative_prompt is not None:
+            base["default_negative_prompt"] = spec.default_negative_prompt
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -230,10 +239,12 @@ class OpenSoraPlanPipeline:
 
     def conditioning(self, prompts: Sequence[str], cfg: SamplingConfig) -> tuple[TextConditioning, TextConditioning]:
         """(uncond, cond) for a batch of raw prompts; the negative text is encoded once and reused."""
-        cond = self.encode_text([positive_text(p) for p in prompts], cfg.use_attention_mask)
-        key = f"{cfg.use_attention_mask}|{cfg.negative_prompt}"
+        cond = self.encode_text([positive_text(p, cfg.prompt_template) for p in prompts], cfg.use_attention_mask)
+        key = f"{cfg.use_attention_mask}|{cfg.default_negative_prompt}|{cfg.negative_prompt}"
         if key not in self._negative_cache:
-            self._negative_cache = {key: self.encode_text([negative_text(cfg.negative_prompt)], cfg.use_attention_mask)}
+            self._negative_cache = {key: self.encode_text([negative_text(cfg.negative_prompt,
+                                                                         cfg.default_negative_prompt)],
+                                                           cfg.use_attention_mask)}
         return self._negative_cache[key].expand(len(prompts)), cond
 
     def initial_noise(self, seeds: Sequence[int], cfg: SamplingConfig) -> torch.Tensor:

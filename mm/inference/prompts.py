@@ -61,14 +61,17 @@ def resolve_prompts(prompt: str | None = None, prompt_file: str | None = None,
     raise ValueError("no prompt given: pass --prompt or --prompt-file (or set \"prompt\" in the inference JSON)")
 
 
-def positive_text(prompt: str) -> str:
+def positive_text(prompt: str, template: str = POSITIVE_TEMPLATE) -> str:
     """The text the DiT is conditioned on for ``prompt`` (template + caption cleaning)."""
-    return clean_caption(POSITIVE_TEMPLATE.format(prompt=prompt))
+    if "{prompt}" not in template:
+        raise ValueError(f"prompt template must contain '{{prompt}}', got {template!r}")
+    return clean_caption(template.format(prompt=prompt))
 
 
-def negative_text(user_negative: str = "") -> str:
-    """The unconditional text: the v1.5 default negative prompt, then the user's, cleaned."""
-    return clean_caption(f"{DEFAULT_NEGATIVE_PROMPT} {user_negative}".strip())
+def negative_text(user_negative: str = "", default: str = DEFAULT_NEGATIVE_PROMPT) -> str:
+    """The unconditional text: the default negative prompt (v1.5's unless a model says otherwise), then the
+    user's, cleaned. Empty = the empty caption the CFG dropout trained."""
+    return clean_caption(f"{default} {user_negative}".strip())
 
 
 def batches(num_prompts: int, batch_size: int) -> list[list[int]]:

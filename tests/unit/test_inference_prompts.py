@@ -66,3 +66,27 @@ def test_slug_and_stem():
     assert len(long) <= P.MAX_SLUG_CHARS and long.startswith("word_word")
     assert P.output_stem(3, "a cat") == "0003_a_cat"
     assert P.output_stem(12345, "x") == "12345_x"
+
+
+def test_prompt_template_and_default_negative_are_configurable():
+    import pytest
+
+    from mm.inference.prompts import negative_text, positive_text
+
+    assert positive_text("a red square") == "high quality, a red square"
+    assert positive_text("a red square", "{prompt}") == "a red square"
+    assert negative_text("", default="") == ""
+    assert negative_text("blurry", default="") == "blurry"
+    assert negative_text().startswith("worst quality")
+    with pytest.raises(ValueError, match="must contain"):
+        positive_text("a red square", "high quality")
+
+
+def test_tiny_preset_conditions_on_plain_captions():
+    from mm.config_upstream import load_inference_json
+    from mm.inference.pipeline import SamplingConfig
+
+    cfg = SamplingConfig.from_spec(load_inference_json("examples/tiny/inference.json"))
+    assert (cfg.prompt_template, cfg.default_negative_prompt) == ("{prompt}", "")
+    released = SamplingConfig.from_spec(load_inference_json("examples/opensoraplan1.5/inference_t2v_model1_5.json"))
+    assert released.prompt_template == "high quality, {prompt}" and released.default_negative_prompt
