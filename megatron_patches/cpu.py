@@ -70,16 +70,16 @@ def _noop_builder(_original):
 # ---------------------------------------------------------------------------- P2: streams/events
 class _NullEvent:
     def __init__(self, *args, **kwargs):
-        pass
+        return None
 
     def record(self, stream=None):
-        pass
+        return None
 
     def wait(self, stream=None):
-        pass
+        return None
 
     def synchronize(self):
-        pass
+        return None
 
     def query(self):
         return True
@@ -90,19 +90,19 @@ class _NullEvent:
 
 class _NullStream:
     def __init__(self, *args, **kwargs):
-        pass
+        return None
 
     def wait_stream(self, stream):
-        pass
+        return None
 
     def wait_event(self, event):
-        pass
+        return None
 
     def record_event(self, event=None):
         return event or _NullEvent()
 
     def synchronize(self):
-        pass
+        return None
 
     def query(self):
         return True
