@@ -50,37 +50,12 @@ def _run(cmd: list[str], log: Path, env: dict) -> None:
 
 def _write_configs(out: Path, data: Path, p: dict, ae_update: dict, features: Path | None = None) -> dict[str, Path]:
     """The tiny preset re-pointed at the demo's data (and, once fitted, its WFVAE + latent statistics, and
-    the feature cache to train from)."""
-    out.mkdir(parents=True, exist_ok=True)
-    model = json.loads((ROOT / "examples/tiny/model.json").read_text())
-    model["ae"].update(ae_update)
-    model["text_encoder"]["from_pretrained"] = str(data / "text_encoders/t5")
-    model["text_encoder_2"]["from_pretrained"] = str(data / "text_encoders/clip")
-    d = json.loads((ROOT / "examples/tiny/data.json").read_text())
-    ds, pre = d["dataset_param"], d["dataset_param"]["preprocess_parameters"]
-    ds["basic_parameters"]["data_path"] = str(data / "data.txt")
-    ds["tokenizer_config"]["from_pretrained"] = str(data / "text_encoders/t5")
-    ds["tokenizer_config_2"]["from_pretrained"] = str(data / "text_encoders/clip")
-    ds["model_max_length"] = p["text_len"]
-    if features is not None:
-        ds["feature_dir"] = str(features)
-        model.update(load_video_features=True, load_text_features=True)
-    n, s = p["frames"], p["size"]
-    pre.update(num_frames=n, max_height=s, max_width=s, max_hxw=s * s, min_hxw=s * s, min_num_frames=min(n, 9))
-    for pipe in pre["train_pipeline"].values():
-        pipe[1]["param"]["size"] = [s, s]
-    d["dataloader_param"]["collate_param"]["num_frames"] = n
-    inf = json.loads((ROOT / "examples/tiny/inference.json").read_text())
-    for k in ("ae", "text_encoder", "text_encoder_2", "predictor", "weight_dtype"):
-        inf[k] = model[k]
-    inf["pipeline_config"]["input_size"] = [n, s, s]
-    inf["model_max_length"] = p["text_len"]
-    inf["diffusion"]["num_inference_steps"] = p["infer_steps"]
-    paths = {"model": out / "model.json", "data": out / "data.json", "inference": out / "inference.json",
-             "prompts": out / "prompts.txt"}
-    paths["model"].write_text(json.dumps(model, indent=1))
-    paths["data"].write_text(json.dumps(d, indent=1))
-    paths["inference"].write_text(json.dumps(inf, indent=1))
+    the feature cache to train from), plus the demo prompts."""
+    from mm.presets import write_tiny_configs
+
+    paths = write_tiny_configs(out, data, frames=p["frames"], size=p["size"], text_len=p["text_len"],
+                               ae_update=ae_update, features=features, infer_steps=p["infer_steps"])
+    paths["prompts"] = out / "prompts.txt"
     paths["prompts"].write_text("\n".join(PROMPTS[:p["prompts"]]) + "\n")
     return paths
 
