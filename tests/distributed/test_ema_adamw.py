@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from harness import run_distributed
+from megatron_toys import toy_training as _train_objects, train_step as _step
 from mm.training.ema_adamw import EMA_KEY, EmaAdamW, ema_decay, ema_model_state_dict
 
 
@@ -41,45 +42,6 @@ def test_ema_adamw_matches_closed_form():
     torch.testing.assert_close(opt2.state[q][EMA_KEY], e, rtol=1e-6, atol=1e-7)
 
 
-def _build(seed, dp_ranks):
-    from megatron.core import tensor_parallel
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.transformer import TransformerConfig
-
-    from mm.training.ema_adamw import make_ema_optimizer
-
-    cfg = TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=1, use_cpu_initialization=True,
-                            perform_initialization=True)
-
-    class Toy(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = tensor_parallel.ColumnParallelLinear(8, 12, config=cfg, init_method=torch.nn.init.normal_,
-                                                           bias=True, gather_output=True)
-            self.out = torch.nn.Linear(12, 1)
-
-        def forward(self, x):
-            return self.out(torch.tanh(self.fc(x)[0]))
-
-    torch.manual_seed(seed)
-    model = Toy()
-    ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=True,
-                                                                     grad_reduce_in_fp32=True), model)
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=0.05, weight_decay=0.01, adam_eps=1e-8,
-                                                 use_distributed_optimizer=True, clip_grad=0.0), [ddp])
-    make_ema_optimizer(opt, 0.9999)
-    return model, ddp, opt
-
-
-def _step(model, ddp, opt, x):
-    ddp.zero_grad_buffer()
-    opt.zero_grad()
-    model(x).pow(2).mean().backward()
-    ddp.finish_grad_sync()
-    opt.step()
-
-
 def _distopt_ema_resume(rank, world, ckpt_dir):
     from megatron.core import dist_checkpointing
 
@@ -89,7 +51,7 @@ def _distopt_ema_resume(rank, world, ckpt_dir):
     init_parallel(ParallelConfig())
     torch.manual_seed(100 + rank)
     xs = [torch.randn(4, 8) for _ in range(3)]
-    model, ddp, opt = _build(0, world)
+    model, ddp, opt = _train_objects(1, seed=0)
     init = {n: p.detach().clone() for n, p in model.named_parameters()}
     _step(model, ddp, opt, xs[0])
     _step(model, ddp, opt, xs[1])
@@ -106,7 +68,7 @@ def _distopt_ema_resume(rank, world, ckpt_dir):
     after_uninterrupted = {n: p.detach().clone() for n, p in model.named_parameters()}
     ema_uninterrupted = ema_model_state_dict(opt, model)
 
-    model2, ddp2, opt2 = _build(1, world)  # different init: everything must come from the checkpoint
+    model2, ddp2, opt2 = _train_objects(1, seed=1)  # different init: everything must come from the checkpoint
     model2_sd = make_sharded_tensors_for_checkpoint(model2.state_dict(keep_vars=True), "model.")
     loaded = dist_checkpointing.load({"model": model2_sd,
                                       "optimizer": opt2.sharded_state_dict(model2_sd, is_loading=True, metadata=meta)},
