@@ -42,6 +42,7 @@ def main(argv=None) -> int:
 
     select_backend(args.backend)  # before megatron is imported anywhere
     from mm.config_upstream import load_data_config, load_model_json, run_config_from_args, warn_inert_flags
+    from mm.training.clipping import TooManyBadSteps
     from mm.training.trainer import Trainer
 
     warn_inert_flags(args)
@@ -54,6 +55,9 @@ def main(argv=None) -> int:
                       data_num_workers=args.data_num_workers)
     try:
         trainer.train()
+    except TooManyBadSteps as e:
+        logging.getLogger("mm.train").error("%s", e)
+        return 3
     finally:
         trainer.close()
         from mm.distributed.init import destroy_parallel

@@ -35,7 +35,7 @@ from mm.distributed.init import ParallelState, init_parallel
 from mm.distributed.parallelize import apply_recompute, wrap_ddp
 from mm.ops import current_backend
 from mm.training import checkpointing as ckpt
-from mm.training.clipping import AdaptiveGradClipper
+from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
 from mm.training.ema_adamw import ema_model_state_dict, make_ema_optimizer
 from mm.training.frozen import Features, FrozenEncoders
 from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, train_flops
@@ -259,7 +259,12 @@ class Trainer:
         features = self._features()
         interval_t0, interval_steps = time.time(), 0
         while self.iteration < tr.train_iters:
-            res = self.train_step(features)
+            try:
+                res = self.train_step(features)
+            except TooManyBadSteps:
+                if ck.save:  # the skipped updates left the last good state: keep it for a resume
+                    self.save()
+                raise
             self.history.append(res)
             interval_steps += 1
             if res.iteration % tr.log_interval == 0 or res.iteration == tr.train_iters:

@@ -236,3 +236,25 @@ def test_logged_loss_is_the_mean_over_micro_batches(ws):
     logged, raw = run_distributed(_logged_vs_micro_losses, 1, args=(ws,), timeout=120)[0]
     assert len(raw) == 2
     assert logged == pytest.approx(sum(raw) / 2, rel=1e-6)
+
+
+def _stop_after_bad_steps(rank, world, ws, save):
+    from mm.training.clipping import TooManyBadSteps
+
+    run = _run_config(tp=1, gbs=2, iters=10, save=save, save_interval=100)
+    run.optimizer.max_consecutive_bad_steps = 2
+    t = _trainer(ws, run)
+    t.optimizer.get_grad_norm = lambda: float("inf")
+    try:
+        t.train()
+    except TooManyBadSteps as e:
+        return str(e), t.iteration, t.clipper.num_skipped
+    return None
+
+
+def test_run_stops_after_consecutive_bad_steps_and_keeps_a_checkpoint(ws, tmp_path):
+    from mm.training.checkpointing import latest_iteration
+
+    msg, it, skipped = run_distributed(_stop_after_bad_steps, 2, args=(ws, str(tmp_path / "c")), timeout=180)[0]
+    assert "2 consecutive steps skipped" in msg and skipped == 2
+    assert latest_iteration(tmp_path / "c") == it
