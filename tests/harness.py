@@ -20,7 +20,7 @@ from mm.distributed.init import free_port
 
 
 class DistributedTestError(AssertionError):
-    pass
+    """One or more ranks raised or timed out; the message holds every failing rank's traceback."""
 
 
 def _child(fn, rank, world_size, port, args, conn):
@@ -35,13 +35,10 @@ def _child(fn, rank, world_size, port, args, conn):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
         result = fn(rank, world_size, *args)
-        try:
-            from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps
 
-            if ps.model_parallel_is_initialized():
-                ps.destroy_model_parallel()
-        except ImportError:
-            pass
+        if ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
         dist.barrier()
         dist.destroy_process_group()
         # plain pickle: conn.send() would use torch's ForkingPickler, which passes tensors as shared-memory

@@ -152,6 +152,21 @@ class _FrozenTextEncoder(nn.Module):
         """Texts -> ``(ids [B, L] long, mask [B, L] long)``, L = ``max_length`` (see :func:`tokenize`)."""
         return tokenize(self.tokenizer, texts, self.max_length)
 
+    @classmethod
+    def _load(cls, what: str, hf_class, load_tokenizer, directory, dtype, max_length, device, tokenizer_directory):
+        """Check the directory, load tokenizer + HF model (local files only), check the token length."""
+        directory = Path(directory)
+        _check_model_dir(directory, what)
+        tokenizer = load_tokenizer(tokenizer_directory if tokenizer_directory is not None else directory)
+        model = hf_class.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        # CLIP has learned positions (a hard limit); T5's relative positions have none
+        _check_max_length(max_length, getattr(model.config, "max_position_embeddings", None), what)
+        if device is not None:
+            model = model.to(device)
+        encoder = cls(model, tokenizer, max_length)
+        logger.info("loaded %s from %s (width %d, %s)", what, directory, encoder.output_dim, dtype)
+        return encoder
+
     def _flatten(self, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
         if ids.dim() < 2:
             raise ValueError(f"token ids must be [..., L] with at least 2 dims, got shape {tuple(ids.shape)}")
@@ -175,19 +190,14 @@ class T5TextEncoder(_FrozenTextEncoder):
         checkpoint is fine, the decoder weights are skipped). ``tokenizer_directory`` defaults to ``directory``."""
         from transformers import T5EncoderModel
 
-        directory = Path(directory)
-        _check_model_dir(directory, "T5")
-        _check_max_length(max_length, None, "T5")
-        tokenizer = load_t5_tokenizer(tokenizer_directory if tokenizer_directory is not None else directory)
-        model = T5EncoderModel.from_pretrained(directory, dtype=dtype, local_files_only=True)
-        if device is not None:
-            model = model.to(device)
-        logger.info("loaded T5 encoder from %s (d_model %d, %s)", directory, model.config.d_model, dtype)
-        return cls(model, tokenizer, max_length)
+        return cls._load("T5", T5EncoderModel, load_t5_tokenizer, directory, dtype, max_length, device,
+                         tokenizer_directory)
 
     @property
     def hidden_size(self) -> int:
         return self.model.config.d_model
+
+    output_dim = hidden_size
 
     @torch.no_grad()
     def encode(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -223,19 +233,14 @@ class CLIPTextEncoder(_FrozenTextEncoder):
         CLIP config/checkpoint is fine, only the text tower and projection are read)."""
         from transformers import CLIPTextModelWithProjection
 
-        directory = Path(directory)
-        _check_model_dir(directory, "CLIP")
-        tokenizer = load_clip_tokenizer(tokenizer_directory if tokenizer_directory is not None else directory)
-        model = CLIPTextModelWithProjection.from_pretrained(directory, dtype=dtype, local_files_only=True)
-        _check_max_length(max_length, model.config.max_position_embeddings, "CLIP")
-        if device is not None:
-            model = model.to(device)
-        logger.info("loaded CLIP text encoder from %s (projection %d, %s)", directory, model.config.projection_dim, dtype)
-        return cls(model, tokenizer, max_length)
+        return cls._load("CLIP", CLIPTextModelWithProjection, load_clip_tokenizer, directory, dtype, max_length,
+                         device, tokenizer_directory)
 
     @property
     def projection_dim(self) -> int:
         return self.model.config.projection_dim
+
+    output_dim = projection_dim
 
     @torch.no_grad()
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
