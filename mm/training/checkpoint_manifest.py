@@ -98,8 +98,22 @@ def verify_manifest(ckpt_dir: str | os.PathLike) -> list[str]:
         files = read_manifest(root)
     except ValueError as e:
         return [str(e)]
+    return check_entries(root, files, sorted(files)) + unlisted_files(root, files)
+
+
+def unlisted_files(ckpt_dir: str | os.PathLike, files: dict[str, dict]) -> list[str]:
+    """Problems for files present in a checkpoint but absent from its manifest table."""
+    root = Path(ckpt_dir)
+    return [f"{root / rel}: not listed in {MANIFEST} (added after the checkpoint was written)"
+            for rel in checkpoint_files(root) if rel not in files]
+
+
+def check_entries(ckpt_dir: str | os.PathLike, files: dict[str, dict], rel_paths: list[str]) -> list[str]:
+    """Problems with the given files of a checkpoint against its manifest table (size, then checksum)."""
+    root = Path(ckpt_dir)
     problems = []
-    for rel, entry in sorted(files.items()):
+    for rel in rel_paths:
+        entry = files[rel]
         path = root / rel
         if not path.is_file():
             problems.append(f"{path}: missing (listed in {MANIFEST})")
@@ -109,7 +123,4 @@ def verify_manifest(ckpt_dir: str | os.PathLike) -> list[str]:
             problems.append(f"{path}: size {size} bytes, manifest says {entry.get('size')} (truncated or rewritten)")
         elif file_digest(path) != entry.get("sha256"):
             problems.append(f"{path}: checksum mismatch (corrupted)")
-    for rel in checkpoint_files(root):
-        if rel not in files:
-            problems.append(f"{root / rel}: not listed in {MANIFEST} (added after the checkpoint was written)")
     return problems

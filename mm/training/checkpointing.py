@@ -4,12 +4,17 @@ Layout under ``--save``::
 
     iter_0000004/                 one complete checkpoint (dist_checkpointing files + common state)
       rng/rank_00000.pt           per-rank RNG states (restored only at the same world size)
+      manifest.json               size + SHA-256 of every file above (mm.training.checkpoint_manifest)
     iter_0000006.tmp/             a save in progress (or one that crashed): never loaded
+    iter_0000004.old/             the previous copy during a re-save of iteration 4 (deleted after it)
     latest_checkpointed_iteration.txt   written last, atomically (tmp file + rename)
 
-A save goes to ``iter_N.tmp`` on all ranks, then rank 0 renames it to ``iter_N``, updates the pointer
-and prunes to the last ``keep_last`` checkpoints. A crash anywhere before the rename leaves the previous
-checkpoint as the latest. The model and the distributed optimizer are saved in megatron's
+A save goes to ``iter_N.tmp`` on all ranks; the ranks checksum its files (each a share) and rank 0
+writes the manifest, renames it to ``iter_N``, updates the pointer and prunes to the last ``keep_last``
+checkpoints. A crash anywhere before the rename leaves the previous checkpoint as the latest; a re-save
+of an existing iteration moves the old copy aside and deletes it only after the new one is in place.
+A load verifies the manifest first (every rank checksums a share of the files) and, when the newest
+checkpoint is damaged, names the bad file and falls back to the newest one that verifies. The model and the distributed optimizer are saved in megatron's
 ``fully_reshardable`` format, so a checkpoint loads at another TP or DP size. Explicit generators
 (noise, posterior sampling) are saved per rank next to the global RNG states.
 """
@@ -21,11 +26,14 @@ import os
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from mm.training import checkpoint_manifest as manifest
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +112,57 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
     return its[-1] if its else None
 
 
+def _checksum_share(ckpt: Path) -> None:
+    """Write ``ckpt``'s manifest, every rank checksumming a share of the files (rank 0 writes it)."""
+    files = [manifest.checkpoint_files(ckpt) if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(files, src=0)
+    share = manifest.file_entries(ckpt, files[0][_rank()::_world()])
+    shares = [share]
+    if dist.is_initialized():
+        shares = [None] * _world()
+        dist.all_gather_object(shares, share)
+    if _rank() == 0:
+        manifest.write_manifest(ckpt, {k: v for s in shares for k, v in s.items()})
+
+
+def verify_checkpoint(ckpt: str | os.PathLike) -> list[str]:
+    """``verify_manifest`` with the checksums spread over the ranks; the same problem list on every rank."""
+    ckpt = Path(ckpt)
+    if not dist.is_initialized() or _world() == 1:
+        return manifest.verify_manifest(ckpt)
+    local: list[str] = []
+    if not ckpt.is_dir():
+        local = [f"{ckpt}: checkpoint directory does not exist"] if _rank() == 0 else []
+    else:
+        try:
+            files = manifest.read_manifest(ckpt)
+        except ValueError as e:
+            local = [str(e)] if _rank() == 0 else []
+        else:
+            local = manifest.check_entries(ckpt, files, sorted(files)[_rank()::_world()])
+            if _rank() == 0:
+                local += manifest.unlisted_files(ckpt, files)
+    gathered = [None] * _world()
+    dist.all_gather_object(gathered, local)
+    return sorted(p for g in gathered for p in g)
+
+
+class CheckpointError(ValueError):
+    """No checkpoint that verifies could be loaded (the message names the bad files)."""
+
+
+def candidate_iterations(root: str | os.PathLike) -> list[int]:
+    """Complete checkpoints to try, best first: the latest (pointer, else newest), then older ones, newest first."""
+    root = Path(root)
+    latest = latest_iteration(root)
+    if latest is None:
+        return []
+    its = sorted((int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir()),
+                 reverse=True)
+    return [latest] + [it for it in its if it < latest]
+
+
 def _with_data(sharded: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
     """The model's sharded state dict re-keyed under ``prefix`` with other tensors of the same layout."""
     from dataclasses import replace
@@ -146,21 +205,31 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
         sharded["ema_model"] = _with_data(model_sd, "ema_model.", ema_weights)
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=OPT_META)
+    t0 = time.time()
+    if _rank() == 0:
+        logger.info("saving checkpoint %s ...", final)
     dist_checkpointing.save(sharded, str(tmp), content_metadata={"world_size": _world(), **OPT_META})
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(generators), tmp / "rng" / f"rank_{_rank():05d}.pt")
     _barrier()
+    _checksum_share(tmp)
+    _barrier()
     if _rank() == 0:
-        if final.exists():  # a re-save of the same iteration replaces it
-            shutil.rmtree(final)
+        old = final.with_name(final.name + ".old")
+        if final.exists():  # a re-save of the same iteration: keep the good copy until the new one is in place
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
         os.replace(tmp, final)
         ptr_tmp = root / (LATEST + ".tmp")
         ptr_tmp.write_text(f"{iteration}\n")
         os.replace(ptr_tmp, root / LATEST)
+        if old.exists():
+            shutil.rmtree(old)
         _prune(root, keep_last)
     _barrier()
     if _rank() == 0:
-        logger.info("saved checkpoint %s", final)
+        logger.info("saved checkpoint %s in %.1fs", final, time.time() - t0)
     return final
 
 
@@ -172,22 +241,49 @@ def _prune(root: Path, keep_last: int) -> None:
 
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, iteration: int | None = None,
                     load_rng: bool = True, use_ema: bool = False,
-                    generators: dict[str, torch.Generator] | None = None) -> tuple[int, dict]:
-    """Load the latest complete checkpoint (or ``iteration``) into model + optimizer.
+                    generators: dict[str, torch.Generator] | None = None, fallback: bool = True) -> tuple[int, dict]:
+    """Load the latest checkpoint that verifies (or exactly ``iteration``) into model + optimizer.
 
     Returns ``(iteration, common)``. Works at another TP or DP size than the save. ``use_ema`` loads
-    the EMA weights into the model instead (inference; pass ``optimizer=None``).
+    the EMA weights into the model instead (inference; pass ``optimizer=None``). A checkpoint whose
+    manifest does not verify is skipped with a warning naming the bad files, and the next older one is
+    tried; ``fallback=False`` (or an explicit ``iteration``) makes that a ``CheckpointError``.
     """
-    from megatron.core import dist_checkpointing
-
     root = Path(root)
     if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
+        candidates = candidate_iterations(root)
+        if not candidates:
             raise FileNotFoundError(f"no complete checkpoint (iter_NNNNNNN/) under {root}")
-    ckpt = iter_dir(root, iteration)
-    if not ckpt.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {ckpt} does not exist")
+    else:
+        if not iter_dir(root, iteration).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {iter_dir(root, iteration)} does not exist")
+        candidates = [iteration]
+    rejected = []
+    for it in candidates:
+        ckpt = iter_dir(root, it)
+        problems = verify_checkpoint(ckpt)
+        if not problems:
+            if rejected and _rank() == 0:
+                logger.warning("falling back to %s, the newest checkpoint that verifies", ckpt)
+            return it, _load_verified(ckpt, it, model, optimizer, load_rng, use_ema, generators)
+        rejected.append(f"{ckpt}: " + "; ".join(problems))
+        if iteration is not None or not fallback:
+            break
+        if _rank() == 0:
+            logger.warning("checkpoint %s is damaged, not loaded: %s", ckpt, "; ".join(problems))
+    if iteration is not None:
+        raise CheckpointError(f"checkpoint is damaged: {rejected[0]}")
+    if not fallback:
+        raise CheckpointError(f"the latest checkpoint is damaged (no fallback requested, older ones not tried): "
+                              f"{rejected[0]}")
+    raise CheckpointError(f"no checkpoint under {root} verifies: " + " | ".join(rejected))
+
+
+def _load_verified(ckpt: Path, iteration: int, model: torch.nn.Module, optimizer, load_rng: bool, use_ema: bool,
+                   generators: dict[str, torch.Generator] | None) -> dict:
+    from megatron.core import dist_checkpointing
+
+    t0 = time.time()
     model_sd = model_sharded_state_dict(model)
     key = "ema_model" if use_ema else "model"
     if use_ema:
@@ -216,8 +312,8 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, 
     elif load_rng:
         logger.warning("checkpoint saved with %d ranks, now %d: RNG states not restored", saved_world, _world())
     if _rank() == 0:
-        logger.info("loaded checkpoint %s", ckpt)
-    return iteration, common_sd.get("common", {})
+        logger.info("loaded checkpoint %s (iteration %d) in %.1fs", ckpt, iteration, time.time() - t0)
+    return common_sd.get("common", {})
 
 
 def _strip_extra(state: dict, model: torch.nn.Module) -> dict:
