@@ -34,6 +34,50 @@ def check_count(name: str, value: Any, *, zero_ok: bool = False) -> None:
     check(ok, name, value, "an integer >= 0" if zero_ok else "an integer > 0")
 
 
+class ConfigErrors(ValueError):
+    """Several configuration problems found in one validation pass (one message per problem)."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
+class Problems:
+    """Collects configuration problems so that one pass reports all of them, not just the first.
+
+    ``with problems.check(): ...`` records the ``ValueError``/``FileNotFoundError`` a block raises
+    (a ``ConfigErrors`` contributes each of its problems) and lets validation go on.
+    """
+
+    def __init__(self):
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def check(self, prefix: str = ""):
+        return _Collect(self, prefix)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise ConfigErrors(self.items)
+
+
+class _Collect:
+    def __init__(self, problems: Problems, prefix: str):
+        self.problems, self.prefix = problems, prefix
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, err, tb):
+        if err is None or not issubclass(typ, (ValueError, FileNotFoundError)):
+            return False
+        for msg in (err.problems if isinstance(err, ConfigErrors) else [str(err)]):
+            self.problems.add(self.prefix + msg)
+        return True
+
+
 @dataclass
 class BackendConfig:
     name: str = "auto"  # cpu | cuda | npu | auto (cuda, else npu, else cpu)
@@ -126,12 +170,25 @@ class TrainingConfig:
     recompute_granularity: str | None = None  # None | "full" | "selective"
     recompute_num_layers: int = 0
     selective_recompute_ffn_layers: int = 0
+    # stopping early (megatron's flags): save and exit 0 at a step boundary
+    exit_interval: int | None = None  # after an iteration divisible by this
+    exit_duration_in_mins: float | None = None  # once the run has lasted this long
+    exit_signal_handler: bool = True  # on SIGTERM / SIGUSR1 (SLURM --signal)
+    # reload the last checkpoint and skip the batch when loss > factor x its running mean
+    rollback_on_spike: float | None = None
 
     def __post_init__(self):
         check_count("micro_batch_size", self.micro_batch_size)
         check_count("global_batch_size", self.global_batch_size)
         check_count("train_iters", self.train_iters)
         check_count("log_interval", self.log_interval)
+        if self.exit_interval is not None:
+            check_count("exit_interval", self.exit_interval)
+        if self.exit_duration_in_mins is not None:
+            check_positive("exit_duration_in_mins", self.exit_duration_in_mins)
+        r = self.rollback_on_spike
+        check(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 1.0),
+              "rollback_on_spike", r, "None or a factor > 1 (loss / its running mean)")
         check(self.recompute_granularity in (None, "full", "selective"), "recompute_granularity",
               self.recompute_granularity, "None, 'full' or 'selective'")
         check_count("recompute_num_layers", self.recompute_num_layers, zero_ok=True)
@@ -153,6 +210,12 @@ class CheckpointConfig:
     load: str | None = None
     save_interval: int = 1000
     keep_last: int = 3
+    # what a resume restores (megatron's flag names); finetune = weights only, from iteration 0
+    load_optim: bool = True
+    load_rng: bool = True
+    finetune: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False  # False: the command line's LR schedule wins
+    fallback: bool = True  # a damaged latest checkpoint: load the newest one that verifies
 
     def __post_init__(self):
         check_count("save_interval", self.save_interval)

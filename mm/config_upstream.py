@@ -28,6 +28,7 @@ from mm.config import (
     CheckpointConfig,
     OptimizerConfig,
     ParallelConfig,
+    Problems,
     RunConfig,
     TrainingConfig,
     check,
@@ -305,8 +306,7 @@ INERT_FLAGS = {
     "--swiglu": 0, "--qk-layernorm": 0, "--use-fused-rmsnorm": 0, "--no-masked-softmax-fusion": 0,
     "--fp32-residual-connection": 0, "--attention-softmax-in-fp32": 0, "--accumulate-allreduce-grads-in-fp32": 0,
     "--no-gradient-accumulation-fusion": 0, "--use-ema": 0, "--model_custom_precision": 0,
-    "--data-parallel-random-init": 0, "--no-load-optim": 0, "--no-load-rng": 0, "--no-save-optim": 0,
-    "--no-save-rng": 0,
+    "--data-parallel-random-init": 0, "--no-save-optim": 0, "--no-save-rng": 0,
 }
 
 
@@ -359,6 +359,29 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-interval", type=int, default=1000)
     g.add_argument("--keep-last", type=int, default=3, help="checkpoints kept in --save")
     g.add_argument("--log-interval", type=int, default=1)
+    g = parser.add_argument_group("resume, preemption and failures")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="resume the weights, iteration and data order but start a fresh optimizer (and EMA from "
+                        "the loaded weights)")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the RNG states of the checkpoint")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights only and start at iteration 0 (fresh optimizer, schedule, data order)")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                   help="on resume keep the checkpoint's LR schedule (default: the command line's --lr, --min-lr, "
+                        "--lr-decay-style, --lr-decay-iters/--train-iters and warm-up win; the log lists changes)")
+    g.add_argument("--no-fallback", action="store_true",
+                   help="a damaged latest checkpoint is an error (default: load the newest one that verifies)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 after an iteration divisible by this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 at the first step boundary after this many minutes")
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGTERM or SIGUSR1 (SLURM --signal) save at the next step boundary and exit 0 "
+                        "(default on)")
+    g.add_argument("--rollback-on-spike", type=float, default=None, metavar="FACTOR",
+                   help="when the loss exceeds FACTOR x its running mean, reload the last checkpoint and skip the "
+                        "offending batch (needs --save)")
     g = parser.add_argument_group("accepted for upstream compatibility, no effect")
     for flag, nargs in INERT_FLAGS.items():
         if nargs:
@@ -375,36 +398,58 @@ def warn_inert_flags(args: argparse.Namespace) -> list[str]:
 
 
 def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
-    parallel = ParallelConfig(
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),
-    )
-    dp = parallel.data_parallel_size(world_size)
-    gbs = args.global_batch_size or args.micro_batch_size * dp
+    """Megatron-style flags -> ``RunConfig``. Every bad value, and the world size / batch divisibility,
+    is reported in one pass: ``ConfigErrors`` with one message per problem."""
+    problems = Problems()
+    parts: dict = {}
+
+    def part(name, build):
+        with problems.check():
+            parts[name] = build()
+
+    part("backend", lambda: BackendConfig(args.backend or os.environ.get("MM_BACKEND", "auto")))
+    part("parallel", lambda: ParallelConfig(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            context_parallel_size=args.context_parallel_size,
+            sequence_parallel=args.sequence_parallel,
+            encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),
+        ))
+    dp = None
+    if "parallel" in parts:
+        with problems.check():
+            dp = parts["parallel"].data_parallel_size(world_size)
+    gbs = args.global_batch_size if args.global_batch_size is not None else args.micro_batch_size * (dp or 1)
     recompute = "full" if args.recompute_granularity == "full" else ("selective" if args.selective_recom else None)
-    return RunConfig(
-        backend=BackendConfig(args.backend or os.environ.get("MM_BACKEND", "auto")),
-        parallel=parallel,
-        optimizer=OptimizerConfig(
-            lr=args.lr, min_lr=args.lr if args.min_lr is None else args.min_lr, lr_decay_style=args.lr_decay_style,
-            lr_warmup_iters=args.lr_warmup_iters, lr_warmup_init=args.lr_warmup_init,
-            lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
-            clip_grad_ema_decay=args.clip_grad_ema_decay, ema_decay=args.ema_decay,
-            max_consecutive_bad_steps=args.max_bad_steps, use_distributed_optimizer=args.use_distributed_optimizer,
-        ),
-        training=TrainingConfig(
-            micro_batch_size=args.micro_batch_size, global_batch_size=gbs, train_iters=args.train_iters,
-            seed=args.seed, bf16=args.bf16, log_interval=args.log_interval, recompute_granularity=recompute,
-            recompute_num_layers=args.recompute_num_layers,
-            selective_recompute_ffn_layers=args.recom_ffn_layers if args.selective_recom else 0,
-        ),
-        checkpoint=CheckpointConfig(save=args.save, load=args.load, save_interval=args.save_interval,
-                                    keep_last=args.keep_last),
-    )
+    part("optimizer", lambda: OptimizerConfig(
+        lr=args.lr, min_lr=args.lr if args.min_lr is None else args.min_lr, lr_decay_style=args.lr_decay_style,
+        lr_warmup_iters=args.lr_warmup_iters, lr_warmup_init=args.lr_warmup_init,
+        lr_decay_iters=args.lr_decay_iters, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        clip_grad_ema_decay=args.clip_grad_ema_decay, ema_decay=args.ema_decay,
+        max_consecutive_bad_steps=args.max_bad_steps, use_distributed_optimizer=args.use_distributed_optimizer,
+    ))
+    part("training", lambda: TrainingConfig(
+        micro_batch_size=args.micro_batch_size, global_batch_size=gbs, train_iters=args.train_iters,
+        seed=args.seed, bf16=args.bf16, log_interval=args.log_interval, recompute_granularity=recompute,
+        recompute_num_layers=args.recompute_num_layers,
+        selective_recompute_ffn_layers=args.recom_ffn_layers if args.selective_recom else 0,
+        exit_interval=args.exit_interval, exit_duration_in_mins=args.exit_duration_in_mins,
+        exit_signal_handler=args.exit_signal_handler, rollback_on_spike=args.rollback_on_spike,
+    ))
+    part("checkpoint", lambda: CheckpointConfig(
+        save=args.save, load=args.load, save_interval=args.save_interval, keep_last=args.keep_last,
+        load_optim=not args.no_load_optim, load_rng=not args.no_load_rng, finetune=args.finetune,
+        use_checkpoint_opt_param_scheduler=args.use_checkpoint_opt_param_scheduler, fallback=not args.no_fallback,
+    ))
+    if dp is not None and "training" in parts:
+        with problems.check():
+            parts["training"].num_microbatches(dp)
+    o = parts.get("optimizer")
+    if o is not None and o.lr_decay_iters is not None and o.lr_decay_iters < 1:
+        problems.add(f"invalid config value lr_decay_iters={o.lr_decay_iters!r}: allowed None or an integer > 0")
+    problems.raise_if_any()
+    return RunConfig(**parts)
 
 
 __all__ = [

@@ -4,6 +4,7 @@ Layout under ``--save``::
 
     iter_0000004/                 one complete checkpoint (dist_checkpointing files + common state)
       rng/rank_00000.pt           per-rank RNG states (restored only at the same world size)
+      meta.json                   small facts readable before anything is built (optimizer kind, ...)
       manifest.json               size + SHA-256 of every file above (mm.training.checkpoint_manifest)
     iter_0000006.tmp/             a save in progress (or one that crashed): never loaded
     iter_0000004.old/             the previous copy during a re-save of iteration 4 (deleted after it)
@@ -30,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import json
+
 import torch
 import torch.distributed as dist
 
@@ -38,6 +41,7 @@ from mm.training import checkpoint_manifest as manifest
 logger = logging.getLogger(__name__)
 
 LATEST = "latest_checkpointed_iteration.txt"
+META = "meta.json"
 OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 
@@ -163,6 +167,47 @@ def candidate_iterations(root: str | os.PathLike) -> list[int]:
     return [latest] + [it for it in its if it < latest]
 
 
+def read_meta(ckpt: str | os.PathLike) -> dict | None:
+    """A checkpoint's ``meta.json`` when present and matching its manifest entry (else None)."""
+    ckpt = Path(ckpt)
+    try:
+        files = manifest.read_manifest(ckpt)
+    except ValueError:
+        return None
+    if META not in files or manifest.check_entries(ckpt, files, [META]):
+        return None
+    return json.loads((ckpt / META).read_text())
+
+
+def resume_problems(load: str | None, save: str | None, use_distributed_optimizer: bool, load_optim: bool) -> list[str]:
+    """What stops ``--load`` before anything is built: a path with no checkpoint that is not ``--save``
+    (the auto-resume pattern), or an optimizer kind that differs from the checkpoint's."""
+    if not load:
+        return []
+    candidates = candidate_iterations(load)
+    if not candidates:
+        if save and Path(load).resolve() == Path(save).resolve():
+            return []  # --load = --save: the first start of a run that resumes itself
+        if not Path(load).exists():
+            return [f"--load {load}: no such directory (a typo? to start a run that resumes itself later, "
+                    "pass the same directory to --save and --load)"]
+        return [f"--load {load}: no checkpoint (iter_NNNNNNN/ with {LATEST}) in this directory"]
+    if not load_optim:
+        return []
+    for it in candidates:  # the one a load would use (damaged ones are skipped there too)
+        meta = read_meta(iter_dir(load, it))
+        if meta is None or "use_distributed_optimizer" not in meta:
+            continue
+        if bool(meta["use_distributed_optimizer"]) != use_distributed_optimizer:
+            kind = {True: "the distributed optimizer (--use-distributed-optimizer)", False: "the plain optimizer"}
+            return [f"--load {load}: {iter_dir(load, it).name} was saved with {kind[meta['use_distributed_optimizer']]}"
+                    f", this run uses {kind[use_distributed_optimizer]}; their states do not convert. Use the "
+                    f"checkpoint's optimizer, or add --no-load-optim to keep the weights, iteration and data order "
+                    f"with a fresh optimizer"]
+        break
+    return []
+
+
 def _with_data(sharded: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> dict:
     """The model's sharded state dict re-keyed under ``prefix`` with other tensors of the same layout."""
     from dataclasses import replace
@@ -182,8 +227,10 @@ def _with_data(sharded: dict, prefix: str, tensors: dict[str, torch.Tensor]) -> 
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Module, optimizer,
                     common: dict, keep_last: int = 3, ema_weights: dict[str, torch.Tensor] | None = None,
-                    generators: dict[str, torch.Generator] | None = None) -> Path:
+                    generators: dict[str, torch.Generator] | None = None, meta: dict | None = None) -> Path:
     """Save model + optimizer (sharded) and ``common`` (plain picklable state, from rank 0).
+
+    ``meta`` (JSON-able, from rank 0) goes to ``meta.json``, readable by ``read_meta`` without megatron.
 
     ``ema_weights`` (model-space EMA, e.g. ``ema_adamw.ema_model_state_dict``) are stored as a second
     model under ``ema_model.`` so inference can load them without building an optimizer.
@@ -211,6 +258,8 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
     dist_checkpointing.save(sharded, str(tmp), content_metadata={"world_size": _world(), **OPT_META})
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(generators), tmp / "rng" / f"rank_{_rank():05d}.pt")
+    if _rank() == 0 and meta is not None:
+        (tmp / META).write_text(json.dumps(meta, indent=1, default=str) + "\n")
     _barrier()
     _checksum_share(tmp)
     _barrier()

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mm.builders import build_suv, build_text_encoders, build_vae
-from mm.config import RunConfig
+from mm.config import ConfigErrors, RunConfig
 from mm.config_upstream import ModelSpec
 from mm.data.config import DataConfig
 from mm.diffusion.flow_matching import dynamic_shift, flow_matching_loss, q_sample, velocity_target
@@ -69,6 +69,11 @@ class Trainer:
         data_cfg = data_cfg.replace(load_video_features=video_cache, load_text_features=text_cache)
         self.spec, self.data_cfg, self.run = spec, data_cfg, run
         t0 = time.time()
+        ck = run.checkpoint
+        problems = ckpt.resume_problems(ck.load, ck.save, run.optimizer.use_distributed_optimizer,
+                                        ck.load_optim and not ck.finetune)
+        if problems:  # before anything is built
+            raise ConfigErrors(problems)
         if run.parallel.pipeline_model_parallel_size > 1:
             raise ValueError("the SUV trainer supports TP (+SP) x CP (Ulysses) x DP; pipeline_model_parallel_size="
                              f"{run.parallel.pipeline_model_parallel_size} must be 1 (PP stage split is not "
@@ -117,10 +122,10 @@ class Trainer:
         self.noise_generator = torch.Generator().manual_seed(tr.seed + 104729 * self.ps.dp_rank)
         self.iteration = 0
         self.samples_seen = 0
-        if run.checkpoint.load and ckpt.latest_iteration(run.checkpoint.load) is not None:
-            self._load(run.checkpoint.load)
-        elif run.checkpoint.load:
-            logger.warning("--load %s has no complete checkpoint yet: starting from scratch", run.checkpoint.load)
+        if ck.load and ckpt.candidate_iterations(ck.load):
+            self._load(ck.load)
+        elif ck.load:  # resume_problems allowed it: --load = --save, the first start of a self-resuming run
+            logger.info("--load %s (= --save) has no checkpoint yet: starting at iteration 0", ck.load)
 
         self.tb = None
         tb_dir = tensorboard_dir or (os.path.join(run.checkpoint.save, "tensorboard") if run.checkpoint.save else None)
@@ -162,6 +167,9 @@ class Trainer:
             lr_warmup_steps=o.lr_warmup_iters, lr_decay_steps=max(decay, o.lr_warmup_iters + 1),
             lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
             wd_incr_steps=max(decay, 1), wd_incr_style="constant",
+            # on resume the command line's schedule wins unless --use-checkpoint-opt_param-scheduler (megatron)
+            use_checkpoint_opt_param_scheduler=self.run.checkpoint.use_checkpoint_opt_param_scheduler,
+            override_opt_param_scheduler=not self.run.checkpoint.use_checkpoint_opt_param_scheduler,
         )
 
     # ------------------------------------------------------------------------------------ data
@@ -359,17 +367,56 @@ class Trainer:
     def save(self) -> None:
         ck = self.run.checkpoint
         ema = ema_model_state_dict(self.optimizer, self.model)
+        meta = {"iteration": self.iteration, "use_distributed_optimizer": self.run.optimizer.use_distributed_optimizer,
+                "world_size": self.ps.world_size}
         ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self._common_state(),
-                             keep_last=ck.keep_last, ema_weights=ema, generators=self._generators())
+                             keep_last=ck.keep_last, ema_weights=ema, generators=self._generators(), meta=meta)
 
     def _load(self, root: str) -> None:
-        it, common = ckpt.load_checkpoint(root, self.model, self.optimizer, generators=self._generators())
+        ck = self.run.checkpoint
+        with_optim = ck.load_optim and not ck.finetune
+        it, common = ckpt.load_checkpoint(root, self.model, self.optimizer if with_optim else None,
+                                          load_rng=ck.load_rng and not ck.finetune, generators=self._generators(),
+                                          fallback=ck.fallback)
+        if not with_optim:
+            self._restart_optimizer_from_weights()
+        if ck.finetune:
+            logger.info("--finetune: weights of %s iteration %d; starting at iteration 0 with a fresh optimizer, "
+                        "LR schedule and data order", root, it)
+            return
         self.iteration = common["iteration"]
         self.samples_seen = common.get("samples_seen", 0)
-        self.scheduler.load_state_dict(common["scheduler"])
+        self._resume_schedule(common["scheduler"])
         self.clipper.load_state_dict(common["clipper"])
         self.loader.load_state_dict(common["sampler"])
-        logger.info("resumed from %s at iteration %d", root, it)
+        logger.info("resumed from %s at iteration %d%s%s", root, it, "" if with_optim else " (fresh optimizer: "
+                    "--no-load-optim)", "" if ck.load_rng else " (RNG not restored: --no-load-rng)")
+
+    _SCHEDULE_KEYS = ("max_lr", "min_lr", "lr_warmup_steps", "lr_decay_steps", "lr_decay_style")
+
+    def _resume_schedule(self, saved: dict) -> None:
+        """Restore the step count; the LR schedule is the command line's unless the checkpoint's is asked for."""
+        now = self.scheduler.state_dict()
+        changed = [f"{k} {saved[k]} -> {now[k]}" for k in self._SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
+        self.scheduler.load_state_dict(saved)  # override / use-checkpoint set at construction (megatron flags)
+        if changed and _is_rank0():
+            if self.run.checkpoint.use_checkpoint_opt_param_scheduler:
+                logger.info("resume: keeping the checkpoint's LR schedule (--use-checkpoint-opt_param-scheduler); "
+                            "the command line asked for: %s", ", ".join(changed))
+            else:
+                logger.info("resume: the command line's LR schedule replaces the checkpoint's: %s (pass "
+                            "--use-checkpoint-opt_param-scheduler to keep the checkpoint's)", ", ".join(changed))
+
+    def _restart_optimizer_from_weights(self) -> None:
+        """A fresh optimizer over loaded weights: fp32 master copies and the EMA restart from them."""
+        from mm.training.ema_adamw import EMA_KEY
+
+        self.optimizer.reload_model_params()
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for group in opt.optimizer.param_groups:
+                group["ema_steps"] = 0
+                for p in group["params"]:
+                    opt.optimizer.state[p][EMA_KEY].copy_(p.detach())
 
     def close(self) -> None:
         if self.tb:
