@@ -206,12 +206,17 @@ class DataConfig:
 
     @classmethod
     def from_upstream(cls, source: str | os.PathLike | Mapping[str, Any], **overrides: Any) -> "DataConfig":
-        """Build from an upstream ``data.json`` (path or parsed dict); unknown keys are ignored."""
+        """Build from an upstream ``data.json`` (path or parsed dict); unknown keys are errors."""
         base_dir = "."
         if isinstance(source, (str, os.PathLike)):
             base_dir = os.path.dirname(os.path.abspath(source))
+            if not os.path.isfile(source):
+                raise FileNotFoundError(f"data config not found: {source}")
             with open(source, encoding="utf-8") as f:
-                source = json.load(f)
+                try:
+                    source = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{source} is not valid JSON: {e}") from None
         kwargs = upstream_to_kwargs(source, base_dir)
         kwargs.update(overrides)
         return cls(**kwargs)
@@ -262,15 +267,78 @@ _COLLATE_KEYS = {"ae_stride": "ae_stride", "ae_stride_t": "ae_stride_t", "patch_
                  "patch_size_t": "patch_size_t"}
 
 
+# keys read elsewhere, or accepted for upstream compatibility without effect (values are not used)
+_SECTION_EXTRA_KEYS = {
+    "": {"dataset_param", "dataloader_param"},
+    "dataset_param": {"basic_parameters", "preprocess_parameters", "tokenizer_config", "tokenizer_config_2",
+                      "feature_dir"},
+    "dataset_param.basic_parameters": {"data_path", "data_folder", "data_storage_mode"},
+    "dataset_param.preprocess_parameters": {"train_pipeline"},
+    "dataloader_param": {"collate_param", "dataloader_mode", "sampler_type"},
+    "dataloader_param.collate_param": {"batch_size", "num_frames", "group_data"},
+    "tokenizer": {"hub_backend", "autotokenizer_name", "from_pretrained", "model_max_length"},
+}
+_FIELD_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_TYPE_WORDS = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_section(section: Any, where: str, known: set[str]) -> Mapping[str, Any]:
+    """The section itself; ValueError naming an unknown key (with the closest known one) or a non-object."""
+    import difflib
+
+    if not isinstance(section, Mapping):
+        raise ValueError(f"data.json {where or 'top level'} must be an object, got {type(section).__name__}")
+    for key in section:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; accepted: {sorted(known)}"
+            raise ValueError(f"data.json {where + '.' if where else ''}{key}: unknown key{hint}")
+    return section
+
+
+def _check_type(where: str, value: Any, field: str) -> None:
+    """ValueError when an upstream value has the wrong JSON type for its ``DataConfig`` field."""
+    kind = str(DataConfig.__dataclass_fields__[field].type).split(" | ")[0]
+    if kind not in _FIELD_TYPES or (value is None and "None" in str(DataConfig.__dataclass_fields__[field].type)):
+        return
+    ok = isinstance(value, _FIELD_TYPES[kind]) and (kind == "bool" or not isinstance(value, bool))
+    if not ok:
+        quoted = " (a quoted string: drop the quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"data.json {where} must be {_TYPE_WORDS[kind]}, got {value!r}{quoted}")
+
+
 def upstream_to_kwargs(doc: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
-    """Translate the upstream nested JSON into ``DataConfig`` keyword arguments."""
+    """Translate the upstream nested JSON into ``DataConfig`` keyword arguments.
+
+    Unknown keys (typos such as ``num_frame``) and values of the wrong JSON type are errors naming
+    the key's path; keys upstream uses only for its own loader selection are accepted and unused.
+    """
     if not isinstance(doc, Mapping) or "dataset_param" not in doc:
         raise ValueError("data.json must be an object with a 'dataset_param' section, got keys "
                          f"{sorted(doc) if isinstance(doc, Mapping) else type(doc).__name__}")
-    ds = doc["dataset_param"]
-    basic = ds.get("basic_parameters", {})
-    pre = ds.get("preprocess_parameters", {})
-    dl = doc.get("dataloader_param", {})
+    _check_section(doc, "", _SECTION_EXTRA_KEYS[""])
+    ds = _check_section(doc["dataset_param"], "dataset_param",
+                        set(_DATASET_KEYS) | _SECTION_EXTRA_KEYS["dataset_param"])
+    basic = _check_section(ds.get("basic_parameters", {}), "dataset_param.basic_parameters",
+                           _SECTION_EXTRA_KEYS["dataset_param.basic_parameters"])
+    pre = _check_section(ds.get("preprocess_parameters", {}), "dataset_param.preprocess_parameters",
+                         set(_PREPROCESS_KEYS) | _SECTION_EXTRA_KEYS["dataset_param.preprocess_parameters"])
+    dl = _check_section(doc.get("dataloader_param", {}), "dataloader_param",
+                        set(_LOADER_KEYS) | _SECTION_EXTRA_KEYS["dataloader_param"])
+    cp = _check_section(dl.get("collate_param", {}), "dataloader_param.collate_param",
+                        set(_COLLATE_KEYS) | _SECTION_EXTRA_KEYS["dataloader_param.collate_param"])
+    for key in ("tokenizer_config", "tokenizer_config_2"):
+        if ds.get(key):
+            _check_section(ds[key], f"dataset_param.{key}", _SECTION_EXTRA_KEYS["tokenizer"])
+    for where, section, table in (("dataset_param.preprocess_parameters", pre, _PREPROCESS_KEYS),
+                                  ("dataset_param", ds, _DATASET_KEYS), ("dataloader_param", dl, _LOADER_KEYS),
+                                  ("dataloader_param.collate_param", cp, _COLLATE_KEYS)):
+        for key, name in table.items():
+            if key in section:
+                _check_type(f"{where}.{key}", section[key], name)
+    for key, name in (("num_frames", "num_frames"), ("batch_size", "batch_size"), ("group_data", "group_data")):
+        if key in cp:
+            _check_type(f"dataloader_param.collate_param.{key}", cp[key], name)
     out: dict[str, Any] = {}
     if "data_path" not in basic:
         raise ValueError("data.json dataset_param.basic_parameters.data_path is required, got nothing")
@@ -301,7 +369,6 @@ def upstream_to_kwargs(doc: Mapping[str, Any], base_dir: str) -> dict[str, Any]:
     if ds.get("feature_dir"):
         out["feature_dir"] = _resolve(ds["feature_dir"], base_dir)
     # the collate section repeats values; the preprocess ones win when both are given
-    cp = dl.get("collate_param", {})
     if "num_frames" in cp and "num_frames" in pre and cp["num_frames"] != pre["num_frames"]:
         raise ValueError(f"data.json collate_param.num_frames ({cp['num_frames']}) must equal "
                          f"preprocess_parameters.num_frames ({pre['num_frames']})")
