@@ -1,0 +1,1 @@
+"""Launch tools for large runs: stage recipes, preflight checks, the memory/throughput planner, the dry run."""
