@@ -5,10 +5,13 @@ starting with ``#`` are skipped. **Relative roots and annotation paths resolve a
 the data.txt file** (absolute paths are used as they are), so a dataset folder can be moved or referred
 to from any working directory. A sample's file is ``root_folder/record["path"]``.
 
-An annotation file is a JSON list of records (``path``, ``cap`` str or list, ``resolution`` {height,
-width}, ``num_frames``, ``fps``, ``cut``, ``crop``, ``aesthetic``/``aes``). Records are parsed into
-``Record``; a malformed record yields a drop reason instead of an exception, so one bad line never stops
-indexing (§8.2 step 1).
+An annotation file is a JSON list of records (``*.json``) or JSON Lines, one record per line
+(``*.jsonl``); records hold ``path``, ``cap`` str or list, ``resolution`` {height, width}, ``num_frames``,
+``fps``, ``cut``, ``crop``, ``aesthetic``/``aes``. Both are streamed (``iter_annotations``; a JSON list
+through ijson), never loaded whole. Each record has an id inside its file: its position in a JSON list,
+the byte offset of its line in JSON Lines (so a byte range of a file can be read on its own). Records are
+parsed into ``Record``; a malformed record (or JSON line) yields a drop reason instead of an exception, so
+one bad line never stops indexing (§8.2 step 1).
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from typing import Any, Iterator
+
+import ijson
 
 logger = logging.getLogger(__name__)
 
@@ -72,16 +78,71 @@ def read_data_txt(path: str | os.PathLike) -> list[DatasetSource]:
     return out
 
 
-def load_annotations(path: str) -> list[dict]:
-    """Read one annotation JSON (a list of record objects)."""
+INVALID_JSON = object()  # stands for a JSON Lines line that does not parse (dropped as "bad_json")
+
+
+def annotation_format(path: str) -> str:
+    """``"jsonl"`` for ``*.jsonl``, ``"json"`` for ``*.json`` (a JSON list); anything else is an error."""
+    if path.endswith(".jsonl"):
+        return "jsonl"
+    if path.endswith(".json"):
+        return "json"
+    raise ValueError(f"annotation file {path!r} must end in .json (a JSON list) or .jsonl (JSON Lines)")
+
+
+def iter_json_list(path: str) -> Iterator[tuple[int, Any]]:
+    """``(position, record)`` of a JSON list file, streamed (floats as ``float``)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+            if not head.startswith(b"["):
+                kind = "nothing" if not head else f"text starting with {head[:1].decode(errors='replace')!r}"
+                raise ValueError(f"annotation file {path!r} must hold a JSON list of records, got {kind}")
+            f.seek(0)
+            yield from enumerate(ijson.items(f, "item", use_float=True))
+    except (OSError, ijson.JSONError) as e:
         raise ValueError(f"cannot read annotation file {path!r}: {e}") from e
-    if not isinstance(doc, list):
-        raise ValueError(f"annotation file {path!r} must hold a JSON list of records, got {type(doc).__name__}")
-    return doc
+
+
+def iter_jsonl(path: str, start: int = 0, end: int | None = None) -> Iterator[tuple[int, Any]]:
+    """``(byte offset, record)`` of the JSON Lines starting in ``[start, end)`` (``start`` must be a line
+    start); blank lines are skipped, a line that does not parse yields ``INVALID_JSON``."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            pos = start
+            for line in f:
+                if end is not None and pos >= end:
+                    break
+                offset, pos = pos, pos + len(line)
+                if not line.strip():
+                    continue
+                try:
+                    yield offset, json.loads(line)
+                except ValueError:
+                    yield offset, INVALID_JSON
+    except OSError as e:
+        raise ValueError(f"cannot read annotation file {path!r}: {e}") from e
+
+
+def jsonl_ranges(path: str, chunk_bytes: int) -> list[tuple[int, int]]:
+    """Split a JSON Lines file into byte ranges of about ``chunk_bytes``, each starting at a line start."""
+    size = os.path.getsize(path)
+    bounds = [0]
+    with open(path, "rb") as f:
+        while bounds[-1] + chunk_bytes < size:
+            f.seek(bounds[-1] + chunk_bytes)
+            f.readline()  # to the next line start
+            if f.tell() >= size:
+                break
+            bounds.append(f.tell())
+    bounds.append(size)
+    return [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
+def iter_annotations(path: str) -> Iterator[tuple[int, Any]]:
+    """Every ``(record id, record)`` of one annotation file, streamed, whatever its format."""
+    return iter_jsonl(path) if annotation_format(path) == "jsonl" else iter_json_list(path)
 
 
 def sample_kind(path: str) -> str | None:

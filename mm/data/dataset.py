@@ -1,4 +1,5 @@
-"""Map-style text-to-video dataset over a ``DataIndex`` (spec §8.3, §8.4).
+"""Map-style text-to-video dataset over a sample index (spec §8.3, §8.4): the in-memory ``DataIndex`` or the
+memory-mapped ``IndexStore`` (entries are read per access; the dataset keeps no per-sample lists).
 
 ``dataset[i]`` reads sample ``i`` (decode -> crop -> transforms -> caption -> tokens). Bad input never
 raises: a ``SampleError`` (missing file, corrupt or truncated video, too few frames, unreadable image)
@@ -26,6 +27,7 @@ from mm.data.decode import read_image, read_video, resolve_video_backend
 from mm.data.errors import SampleError
 from mm.data.frames import window_start
 from mm.data.index import DataIndex, SampleEntry
+from mm.data.index_store import IndexStore
 from mm.data.text import TextProcessor
 from mm.data.transforms import apply_crop, apply_pipeline
 
@@ -38,14 +40,13 @@ class VideoTextDataset(Dataset):
     """Samples: ``video`` float32 ``[3, T, H, W]`` in [-1, 1], ``caption`` str, token ids/masks ``[1, L]``
     (when tokenizers are given), ``sample_index`` (the index actually loaded) and ``skipped``."""
 
-    def __init__(self, index: DataIndex, cfg: DataConfig, text: TextProcessor | None = None) -> None:
+    def __init__(self, index: DataIndex | IndexStore, cfg: DataConfig, text: TextProcessor | None = None) -> None:
         if len(index) == 0:
             raise ValueError(f"the data index is empty after filtering (dropped: {dict(index.dropped)})")
         self.index = index
         self.cfg = cfg
         self.text = text if text is not None else TextProcessor(cfg_rate=cfg.cfg, use_aesthetic=cfg.use_aesthetic)
         self.video_backend = resolve_video_backend(cfg.video_reader_type)
-        self.groups = index.indices_by_shape()
         self.epoch = 0
         self.known_bad: dict[int, str] = {}
 
@@ -74,18 +75,24 @@ class VideoTextDataset(Dataset):
         return apply_pipeline(frames, self.cfg.train_pipeline, (entry.height, entry.width))
 
     def load(self, i: int, attempt: int) -> dict[str, Any]:
-        entry = self.index.entries[i]
+        entry = self.index.entry(i)
         rng = np.random.default_rng((self.cfg.seed, self.epoch, i, attempt))
         video = self.load_pixels(entry, rng)
         return {"video": video, **self.text(entry.captions, entry.aesthetic, rng), "sample_index": i}
 
     def replacement(self, i: int, attempt: int, tried: set[int]) -> int | None:
-        """A same-shape index not tried yet, deterministic in ``(seed, epoch, i, attempt)``."""
-        pool = [j for j in self.groups[self.index.entries[i].shape_key] if j not in tried]
-        if not pool:
+        """A same-shape index not tried yet, deterministic in ``(seed, epoch, i, attempt)``: element ``k`` of
+        the shape group without the tried indices (``tried`` only holds members of that group)."""
+        group = self.index.group(self.index.entry(i).shape_key)  # ascending
+        skip = np.sort(np.searchsorted(group, np.fromiter(tried, dtype=np.int64)))
+        if len(group) <= len(skip):
             return None
         rng = np.random.default_rng((self.cfg.seed, self.epoch, i, attempt, _REPLACE_STREAM))
-        return pool[int(rng.integers(len(pool)))]
+        k = int(rng.integers(len(group) - len(skip)))
+        for pos in skip:  # the k-th untried position
+            if pos <= k:
+                k += 1
+        return int(group[k])
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         skipped: list[dict[str, Any]] = []
@@ -95,7 +102,7 @@ class VideoTextDataset(Dataset):
             tried.add(current)
             try:
                 if current in self.known_bad:
-                    raise SampleError(self.known_bad[current], self.index.entries[current].path, "known bad")
+                    raise SampleError(self.known_bad[current], self.index.entry(current).path, "known bad")
                 sample = self.load(current, attempt)
                 sample["skipped"] = skipped
                 return sample
@@ -109,6 +116,6 @@ class VideoTextDataset(Dataset):
                 if nxt is None:
                     break
                 current = nxt
-        shape = self.index.entries[i].shape_key
+        shape = self.index.entry(i).shape_key
         raise RuntimeError(f"no loadable sample of shape {shape} after {len(skipped)} tries starting at index "
                            f"{i}; skipped: {[(s['index'], s['reason']) for s in skipped]}")

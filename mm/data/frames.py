@@ -13,6 +13,8 @@ Fixes relative to upstream:
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 FPS_TOLERANCE = 0.1  # |fps − train_fps| below this counts as equal (upstream rule)
@@ -35,6 +37,23 @@ def resample_indices(num_frames: int, step: float, start: int = 0) -> np.ndarray
     offsets = np.floor(np.arange(count, dtype=np.float64) * step + 0.5).astype(np.int64)
     offsets = offsets[offsets < num_frames]
     return offsets + start
+
+
+def num_resampled(num_frames: int, step: float) -> int:
+    """``len(resample_indices(num_frames, step))`` without building the array (the index builder calls this
+    once per record). Offset ``i`` is kept while ``floor(i·step + 0.5) < num_frames``; the estimate
+    ``ceil((num_frames − 0.5) / step)`` is corrected with that same float expression, so the two agree
+    exactly (tested)."""
+    if step <= 0:
+        raise ValueError(f"frame step must be > 0, got {step}")
+    if num_frames <= 0:
+        return 0
+    count = max(0, math.ceil((num_frames - 0.5) / step))
+    while count > 0 and math.floor((count - 1) * step + 0.5) >= num_frames:
+        count -= 1
+    while math.floor(count * step + 0.5) < num_frames:
+        count += 1
+    return count
 
 
 def valid_frame_count(n: int, num_frames: int, ae_stride_t: int, min_num_frames: int) -> int:

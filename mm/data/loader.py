@@ -22,7 +22,9 @@ from mm.data.collate import Collator
 from mm.data.config import DataConfig
 from mm.data.dataset import VideoTextDataset
 from mm.data.feature_cache import FeatureCache, FeatureCollator, FeatureDataset
-from mm.data.index import DataIndex, build_index
+from mm.data.build_index import open_index
+from mm.data.index import DataIndex
+from mm.data.index_store import IndexStore
 from mm.data.sampler import GroupedDistributedSampler
 from mm.data.text import TextProcessor, caption_cleaner, load_tokenizer
 
@@ -118,9 +120,12 @@ def build_text_processor(cfg: DataConfig, tokenizer: Any = None, tokenizer_2: An
 
 def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
                      global_batch_size: int | None = None, tokenizer: Any = None, tokenizer_2: Any = None,
-                     index: DataIndex | None = None, num_workers: int | None = None,
-                     dataset: Any = None) -> ResumableDataLoader:
+                     index: DataIndex | IndexStore | None = None, num_workers: int | None = None,
+                     dataset: Any = None, index_dir: str | None = None) -> ResumableDataLoader:
     """Index -> dataset -> sampler -> loader.
+
+    The index defaults to the on-disk one of ``cfg`` (``open_index``: ``index_dir`` or the cache, built on
+    first use); the sampler works on its memory-mapped shape groups.
 
     ``global_batch_size`` defaults to ``batch_size × num_replicas × gradient_accumulation_size``; with
     encoder-DP pass ``num_replicas = world`` and the real global batch ``DP × MBS × GA``.
@@ -136,12 +141,12 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
         dataset = FeatureDataset(FeatureCache(cfg.feature_dir, cfg), cfg, text)
         collate = FeatureCollator()
     if dataset is None:
-        index = index if index is not None else build_index(cfg)
+        index = index if index is not None else open_index(cfg, index_dir)
         dataset = VideoTextDataset(index, cfg, build_text_processor(cfg, tokenizer, tokenizer_2))
-        shape_keys = index.shape_keys
+        groups: Any = index.shape_groups()
     else:
-        shape_keys = dataset.shape_keys
-    sampler = GroupedDistributedSampler(shape_keys, batch_size=cfg.batch_size, global_batch_size=global_batch_size,
+        groups = dataset.shape_keys
+    sampler = GroupedDistributedSampler(groups, batch_size=cfg.batch_size, global_batch_size=global_batch_size,
                                         num_replicas=num_replicas, rank=rank, seed=cfg.seed,
                                         initial_global_step=cfg.initial_global_step_for_sampler)
     workers = cfg.num_workers if num_workers is None else num_workers

@@ -18,28 +18,53 @@ data-parallel size continues the same global order from ``consumed_samples`` (wh
 multiple of the new ``num_replicas × batch_size``; saving at optimizer-step boundaries guarantees it).
 The state also keeps the bad samples seen so far and per-reason skip counts. Upstream's
 ``initial_global_step_for_sampler`` maps to ``consumed_samples = step × global_batch_size``.
+
+**Memory.** The sampler works on index arrays: the shape groups are arrays (slices of the memory-mapped
+on-disk index at scale, ``mm.data.index_store``), each group is shuffled in place inside one epoch buffer
+of 4 bytes per sample (8 beyond 2^31 samples), and the blocks are visited through their permutation, so
+no per-sample Python object exists; micro-batches are produced lazily. ``rng.shuffle`` of a group array
+applies exactly the swaps ``rng.permutation(len(group))`` draws, so the order is the same as indexing the
+group with that permutation.
 """
 
 from __future__ import annotations
 
 import logging
 from collections import Counter
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
+
+from mm.data.index import group_order
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
-class GroupedDistributedSampler(Sampler[list[int]]):
-    """Yields this replica's micro-batches (lists of ``batch_size`` dataset indices, one shape each)."""
+def groups_from_keys(shape_keys: Sequence[str]) -> dict[str, np.ndarray]:
+    """Shape key -> ascending indices of the samples with that key (for small in-memory datasets)."""
+    keys = np.asarray(shape_keys)
+    uniq, inverse = np.unique(keys, return_inverse=True)
+    by_group = np.argsort(inverse, kind="stable")
+    bounds = np.cumsum(np.bincount(inverse, minlength=len(uniq)))[:-1]
+    return {str(k): g for k, g in zip(uniq, np.split(by_group, bounds))}
 
-    def __init__(self, shape_keys: Sequence[str], *, batch_size: int, global_batch_size: int,
-                 num_replicas: int = 1, rank: int = 0, seed: int = 42, initial_global_step: int = 0) -> None:
-        if len(shape_keys) == 0:
+
+class GroupedDistributedSampler(Sampler[list[int]]):
+    """Yields this replica's micro-batches (lists of ``batch_size`` dataset indices, one shape each).
+
+    ``groups`` is either the shape key of every sample or a mapping shape key -> ascending sample indices
+    (``index.shape_groups()``)."""
+
+    def __init__(self, groups: Sequence[str] | Mapping[str, np.ndarray], *, batch_size: int,
+                 global_batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 42,
+                 initial_global_step: int = 0) -> None:
+        if not isinstance(groups, Mapping):
+            groups = groups_from_keys(groups) if len(groups) else {}
+        self.num_samples = sum(len(g) for g in groups.values())
+        if self.num_samples == 0:
             raise ValueError("GroupedDistributedSampler needs at least one sample, got 0")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -51,7 +76,6 @@ class GroupedDistributedSampler(Sampler[list[int]]):
                              f"got {global_batch_size}")
         if initial_global_step < 0:
             raise ValueError(f"initial_global_step must be >= 0, got {initial_global_step}")
-        self.shape_keys = list(shape_keys)
         self.batch_size = batch_size
         self.global_batch_size = global_batch_size
         self.num_replicas = num_replicas
@@ -61,19 +85,13 @@ class GroupedDistributedSampler(Sampler[list[int]]):
         self.consumed_samples = 0
         self.skipped: Counter = Counter()
         self.bad_samples: dict[int, str] = {}
-        self._groups = self._group()
-        self._orders: dict[int, np.ndarray] = {}
+        self._groups = [groups[k] for k in group_order({k: len(g) for k, g in groups.items()}) if len(groups[k])]
+        self._dtype = np.int32 if self.num_samples < 2 ** 31 else np.int64
+        self._epoch_blocks: tuple[int, np.ndarray, np.ndarray] | None = None
         if initial_global_step:
             self.consumed_samples = min(initial_global_step * global_batch_size, self.epoch_length)
 
     # ------------------------------------------------------------------------------------------------
-    def _group(self) -> list[np.ndarray]:
-        groups: dict[str, list[int]] = {}
-        for i, k in enumerate(self.shape_keys):
-            groups.setdefault(k, []).append(i)
-        ordered = sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0]))
-        return [np.asarray(v, dtype=np.int64) for _, v in ordered]
-
     @property
     def micro_step_size(self) -> int:
         """Positions of the global order consumed per micro-step by all replicas together."""
@@ -84,37 +102,52 @@ class GroupedDistributedSampler(Sampler[list[int]]):
         g = self.global_batch_size
         return sum(-(-len(grp) // g) * g for grp in self._groups)
 
-    def global_order(self, epoch: int | None = None) -> np.ndarray:
-        """The epoch's global sequence of dataset indices (length ``epoch_length``)."""
-        epoch = self.epoch if epoch is None else epoch
-        if epoch not in self._orders:
+    def _blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(blocks, visit)``: the epoch's shuffled, padded groups as ``[num_blocks, global_batch_size]``
+        and the order in which the blocks are visited (one epoch kept cached)."""
+        if self._epoch_blocks is None or self._epoch_blocks[0] != epoch:
             rng = np.random.default_rng((self.seed, epoch))
             g = self.global_batch_size
-            blocks = []
+            buf = np.empty(self.epoch_length, dtype=self._dtype)
+            pos = 0
             for grp in self._groups:
-                perm = grp[rng.permutation(len(grp))]
-                short = (-len(perm)) % g
+                n = len(grp)
+                part = buf[pos:pos + n]
+                part[:] = grp
+                rng.shuffle(part)  # == grp[rng.permutation(n)], in place
+                pos += n
+                short = (-n) % g
                 if short:
-                    perm = np.concatenate([perm, grp[rng.integers(0, len(grp), size=short)]])
-                blocks.extend(perm.reshape(-1, g))
-            order = np.stack(blocks)[rng.permutation(len(blocks))].reshape(-1)
-            self._orders = {epoch: order}  # keep one epoch cached
-        return self._orders[epoch]
+                    buf[pos:pos + short] = grp[rng.integers(0, n, size=short)]
+                    pos += short
+            blocks = buf.reshape(-1, g)
+            self._epoch_blocks = (epoch, blocks, rng.permutation(len(blocks)))
+        return self._epoch_blocks[1], self._epoch_blocks[2]
+
+    def global_order(self, epoch: int | None = None) -> np.ndarray:
+        """The epoch's global sequence of dataset indices (length ``epoch_length``; materialised)."""
+        blocks, visit = self._blocks(self.epoch if epoch is None else epoch)
+        return blocks[visit].reshape(-1)
+
+    def _iter_batches(self, rank: int, start: int) -> Iterator[list[int]]:
+        blocks, visit = self._blocks(self.epoch)
+        g, b = self.global_batch_size, self.batch_size
+        for p in range(start, self.epoch_length, self.micro_step_size):
+            off = p % g + rank * b  # a micro-step never crosses a block: micro_step_size divides g
+            yield blocks[visit[p // g], off:off + b].tolist()
 
     def rank_batches(self, rank: int | None = None, start: int | None = None) -> list[list[int]]:
         """Micro-batches replica ``rank`` reads from position ``start`` (default: consumed) to epoch end."""
         rank = self.rank if rank is None else rank
         start = self.consumed_samples if start is None else start
-        order = self.global_order()
-        step, b = self.micro_step_size, self.batch_size
-        return [order[p + rank * b:p + (rank + 1) * b].tolist() for p in range(start, len(order), step)]
+        return list(self._iter_batches(rank, start))
 
     def __iter__(self) -> Iterator[list[int]]:
         if self.consumed_samples % self.micro_step_size:
             raise ValueError(f"consumed_samples={self.consumed_samples} is not a multiple of "
                              f"num_replicas*batch_size={self.micro_step_size}; resume from an optimizer-step "
                              "boundary")
-        yield from self.rank_batches()
+        return self._iter_batches(self.rank, self.consumed_samples)
 
     def __len__(self) -> int:
         return max(0, -(-(self.epoch_length - self.consumed_samples) // self.micro_step_size))
@@ -143,14 +176,14 @@ class GroupedDistributedSampler(Sampler[list[int]]):
             "consumed_samples": self.consumed_samples,
             "seed": self.seed,
             "global_batch_size": self.global_batch_size,
-            "num_samples": len(self.shape_keys),
+            "num_samples": self.num_samples,
             "skipped": dict(self.skipped),
             "bad_samples": {str(k): v for k, v in sorted(self.bad_samples.items())},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for key, mine in (("seed", self.seed), ("global_batch_size", self.global_batch_size),
-                          ("num_samples", len(self.shape_keys))):
+                          ("num_samples", self.num_samples)):
             if state.get(key) != mine:
                 raise ValueError(f"sampler state {key}={state.get(key)!r} does not match this run's {mine!r}; "
                                  "the global order would differ")
