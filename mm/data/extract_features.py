@@ -29,7 +29,9 @@ from mm.data.dataset import VideoTextDataset
 from mm.data.errors import SampleError
 from mm.data.feature_cache import (CACHE_VERSION, INDEX_FILE, NULL_TEXT_FILE, fingerprint, list_shards,
                                    shard_metadata)
-from mm.data.index import DataIndex, build_index
+from mm.data.build_index import open_index
+from mm.data.index import DataIndex
+from mm.data.index_store import IndexStore
 from mm.data.text import TextProcessor, caption_cleaner
 
 logger = logging.getLogger(__name__)
@@ -48,15 +50,17 @@ def _write_shard(out_dir: str, name: str, tensors: dict[str, torch.Tensor], meta
 
 
 def extract_features(cfg: DataConfig, out_dir: str, *, vae: Any, t5: Any, clip: Any, rank: int = 0,
-                     world_size: int = 1, shard_size: int = 64, model_id: str = "", index: DataIndex | None = None,
-                     max_samples: int | None = None, barrier: Callable[[], None] | None = None) -> int:
+                     world_size: int = 1, shard_size: int = 64, model_id: str = "",
+                     index: DataIndex | IndexStore | None = None, max_samples: int | None = None,
+                     barrier: Callable[[], None] | None = None, index_dir: str | None = None) -> int:
     """Encode this rank's missing samples; returns how many it encoded. ``barrier`` (default: no-op)
-    must synchronise all ranks; rank 0 writes ``index.json`` once every rank has finished."""
+    must synchronise all ranks; rank 0 writes ``index.json`` once every rank has finished. The sample
+    index defaults to the on-disk one (``open_index``: ``index_dir`` or the cache)."""
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
     barrier = barrier or (lambda: None)
-    index = index if index is not None else build_index(cfg)
+    index = index if index is not None else open_index(cfg, index_dir)
     fp = fingerprint(cfg, model_id)
     text = TextProcessor(t5.tokenizer, clip.tokenizer, max_length=t5.max_length, max_length_2=clip.max_length,
                          cfg_rate=0.0, cleaner=caption_cleaner(cfg.enable_text_preprocess, cfg.keep_chinese),
@@ -123,7 +127,7 @@ def extract_features(cfg: DataConfig, out_dir: str, *, vae: Any, t5: Any, clip: 
     return encoded
 
 
-def write_index(cfg: DataConfig, out_dir: str, fp: str, index: DataIndex) -> dict[str, Any] | None:
+def write_index(cfg: DataConfig, out_dir: str, fp: str, index: DataIndex | IndexStore) -> dict[str, Any] | None:
     """Merge every shard's metadata into ``index.json``; while samples are missing (an interrupted or
     ``max_samples``-limited run) nothing is written and ``None`` is returned."""
     samples, bad = [], {}
@@ -190,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="T5/CLIP dtype")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard file (default 64)")
     p.add_argument("--max-samples", type=int, default=None, help="stop after this many samples per rank")
+    p.add_argument("--data-index", default=None, help="sample index directory (default: the cache of this config)")
     p.add_argument("--num-frames", type=int, default=None, help="override num_frames")
     p.add_argument("--height", type=int, default=None, help="override max_height (fixed resolution)")
     p.add_argument("--width", type=int, default=None, help="override max_width (fixed resolution)")
@@ -221,7 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(e))
     barrier = dist.barrier if dist.is_initialized() else None
     n = extract_features(cfg, out, vae=vae, t5=t5, clip=clip, rank=rank, world_size=world_size,
-                         shard_size=a.shard_size, model_id=model_id, max_samples=a.max_samples, barrier=barrier)
+                         shard_size=a.shard_size, model_id=model_id, max_samples=a.max_samples, barrier=barrier,
+                         index_dir=a.data_index)
     logger.info("rank %d encoded %d samples into %s", rank, n, out)
     if dist.is_initialized():
         dist.destroy_process_group()
