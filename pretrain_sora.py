@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s for MFU (default: known accelerators; n/a on CPU)")
     p.add_argument("--data-num-workers", type=int, default=None, help="DataLoader workers (default: data JSON)")
+    p.add_argument("--data-index", default=None,
+                   help="on-disk sample index directory (default: the cache of this data config, built on first use; "
+                        "python -m mm.data.build_index builds one ahead)")
     add_megatron_flags(p)
     return p
 
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     if spec.enable_encoder_dp and not run.parallel.encoder_data_parallel:
         run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, encoder_data_parallel=True))
     trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
-                      data_num_workers=args.data_num_workers)
+                      data_num_workers=args.data_num_workers, data_index=args.data_index)
     try:
         trainer.train()
     except TooManyBadSteps as e:

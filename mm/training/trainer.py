@@ -61,7 +61,8 @@ class Trainer:
     """Builds everything from (model spec, data config, run config) and trains."""
 
     def __init__(self, spec: ModelSpec, data_cfg: DataConfig, run: RunConfig, *, tensorboard_dir: str | None = None,
-                 peak_tflops: float | None = None, data_num_workers: int | None = None):
+                 peak_tflops: float | None = None, data_num_workers: int | None = None,
+                 data_index: str | None = None):
         # the feature-cache switches may be set in the model JSON (upstream) or the data JSON: either one counts
         video_cache = spec.load_video_features or data_cfg.load_video_features
         text_cache = spec.load_text_features or data_cfg.load_text_features
@@ -118,7 +119,8 @@ class Trainer:
         enc_dp = run.parallel.encoder_data_parallel
         rank, replicas = (self.ps.rank, self.ps.world_size) if enc_dp else (self.ps.dp_rank, self.ps.dp_size)
         self.loader = build_dataloader(data_cfg, rank=rank, num_replicas=replicas,
-                                       global_batch_size=tr.global_batch_size, num_workers=data_num_workers)
+                                       global_batch_size=tr.global_batch_size, num_workers=data_num_workers,
+                                       index_dir=data_index)
         self.noise_generator = torch.Generator().manual_seed(tr.seed + 104729 * self.ps.dp_rank)
         self.iteration = 0
         self.samples_seen = 0
