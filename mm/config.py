@@ -63,6 +63,15 @@ class Problems:
             raise ConfigErrors(self.items)
 
 
+def collect(*checks) -> None:
+    """Run every check (zero-argument callables that raise ``ValueError``); ``ConfigErrors`` lists all failures."""
+    problems = Problems()
+    for c in checks:
+        with problems.check():
+            c()
+    problems.raise_if_any()
+
+
 class _Collect:
     def __init__(self, problems: Problems, prefix: str):
         self.problems, self.prefix = problems, prefix
@@ -96,7 +105,7 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     sequence_parallel: bool = False
     encoder_data_parallel: bool = False
-    distributed_timeout_minutes: float = 10.0
+    distributed_timeout_minutes: float = 30.0  # world-group timeout (megatron default)
 
     def __post_init__(self):
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -145,18 +154,19 @@ class OptimizerConfig:
     use_distributed_optimizer: bool = True
 
     def __post_init__(self):
-        check_positive("lr", self.lr, zero_ok=True)
-        check_positive("min_lr", self.min_lr, zero_ok=True)
-        check(self.min_lr <= self.lr, "min_lr", self.min_lr, f"<= lr ({self.lr})")
-        check_choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine"))
-        check_count("lr_warmup_iters", self.lr_warmup_iters, zero_ok=True)
-        check_positive("weight_decay", self.weight_decay, zero_ok=True)
-        for f in ("adam_beta1", "adam_beta2", "clip_grad_ema_decay", "ema_decay"):
-            v = getattr(self, f)
-            check(0.0 <= v < 1.0, f, v, "[0, 1)")
-        check_positive("adam_eps", self.adam_eps)
-        check_positive("clip_grad", self.clip_grad, zero_ok=True)
-        check_count("max_consecutive_bad_steps", self.max_consecutive_bad_steps)
+        collect(
+            lambda: check_positive("lr", self.lr, zero_ok=True),
+            lambda: check_positive("min_lr", self.min_lr, zero_ok=True),
+            lambda: check(self.min_lr <= self.lr, "min_lr", self.min_lr, f"<= lr ({self.lr})"),
+            lambda: check_choice("lr_decay_style", self.lr_decay_style, ("constant", "linear", "cosine")),
+            lambda: check_count("lr_warmup_iters", self.lr_warmup_iters, zero_ok=True),
+            lambda: check_positive("weight_decay", self.weight_decay, zero_ok=True),
+            *(lambda f=f: check(0.0 <= getattr(self, f) < 1.0, f, getattr(self, f), "[0, 1)")
+              for f in ("adam_beta1", "adam_beta2", "clip_grad_ema_decay", "ema_decay")),
+            lambda: check_positive("adam_eps", self.adam_eps),
+            lambda: check_positive("clip_grad", self.clip_grad, zero_ok=True),
+            lambda: check_count("max_consecutive_bad_steps", self.max_consecutive_bad_steps),
+        )
 
 
 @dataclass
@@ -178,21 +188,22 @@ class TrainingConfig:
     rollback_on_spike: float | None = None
 
     def __post_init__(self):
-        check_count("micro_batch_size", self.micro_batch_size)
-        check_count("global_batch_size", self.global_batch_size)
-        check_count("train_iters", self.train_iters)
-        check_count("log_interval", self.log_interval)
-        if self.exit_interval is not None:
-            check_count("exit_interval", self.exit_interval)
-        if self.exit_duration_in_mins is not None:
-            check_positive("exit_duration_in_mins", self.exit_duration_in_mins)
         r = self.rollback_on_spike
-        check(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 1.0),
-              "rollback_on_spike", r, "None or a factor > 1 (loss / its running mean)")
-        check(self.recompute_granularity in (None, "full", "selective"), "recompute_granularity",
-              self.recompute_granularity, "None, 'full' or 'selective'")
-        check_count("recompute_num_layers", self.recompute_num_layers, zero_ok=True)
-        check_count("selective_recompute_ffn_layers", self.selective_recompute_ffn_layers, zero_ok=True)
+        collect(
+            lambda: check_count("micro_batch_size", self.micro_batch_size),
+            lambda: check_count("global_batch_size", self.global_batch_size),
+            lambda: check_count("train_iters", self.train_iters),
+            lambda: check_count("log_interval", self.log_interval),
+            lambda: self.exit_interval is None or check_count("exit_interval", self.exit_interval),
+            lambda: self.exit_duration_in_mins is None or check_positive("exit_duration_in_mins",
+                                                                         self.exit_duration_in_mins),
+            lambda: check(r is None or (isinstance(r, (int, float)) and not isinstance(r, bool) and r > 1.0),
+                          "rollback_on_spike", r, "None or a factor > 1 (loss / its running mean)"),
+            lambda: check(self.recompute_granularity in (None, "full", "selective"), "recompute_granularity",
+                          self.recompute_granularity, "None, 'full' or 'selective'"),
+            lambda: check_count("recompute_num_layers", self.recompute_num_layers, zero_ok=True),
+            lambda: check_count("selective_recompute_ffn_layers", self.selective_recompute_ffn_layers, zero_ok=True),
+        )
 
     def num_microbatches(self, data_parallel_size: int) -> int:
         per_step = self.micro_batch_size * data_parallel_size

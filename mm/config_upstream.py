@@ -302,7 +302,7 @@ INERT_FLAGS = {
     "--vocab-size": 1, "--position-embedding-type": 1, "--rotary-base": 1, "--normalization": 1,
     "--optimizer-selection": 1, "--distributed-backend": 1, "--eval-interval": 1, "--eval-iters": 1,
     "--wandb-project": 1, "--wandb-exp-name": 1, "--wandb-save-dir": 1, "--tensorboard-log-interval": 1,
-    "--recompute-method": 1, "--mm-tool": 1, "--distributed-timeout-minutes": 1,
+    "--recompute-method": 1, "--mm-tool": 1,
     "--swiglu": 0, "--qk-layernorm": 0, "--use-fused-rmsnorm": 0, "--no-masked-softmax-fusion": 0,
     "--fp32-residual-connection": 0, "--attention-softmax-in-fp32": 0, "--accumulate-allreduce-grads-in-fp32": 0,
     "--no-gradient-accumulation-fusion": 0, "--use-ema": 0, "--model_custom_precision": 0,
@@ -322,6 +322,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
                         "shares the features (also: enable_encoder_dp in the model JSON)")
     g.add_argument("--backend", default=None, choices=["auto", "cpu", "cuda", "npu"],
                    help="kernel/device backend (default $MM_BACKEND or auto)")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=30.0, metavar="MIN",
+                   help="timeout of every collective (world and megatron groups); raise it when checkpoint "
+                        "writes of a big model take longer (default 30, as megatron)")
     g = parser.add_argument_group("batch and schedule")
     g.add_argument("--micro-batch-size", type=int, default=1, help="samples per micro-batch per DP rank")
     g.add_argument("--global-batch-size", type=int, default=None,
@@ -414,6 +417,7 @@ def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig
             context_parallel_size=args.context_parallel_size,
             sequence_parallel=args.sequence_parallel,
             encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
         ))
     dp = None
     if "parallel" in parts:

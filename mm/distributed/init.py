@@ -2,7 +2,12 @@
 
 Works under ``torchrun`` (reads RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT/LOCAL_RANK) and in a plain
 single process (world 1, no environment variables needed: a private TCP store on a free port).
-Timeouts are short by default so a hang fails fast instead of eating a CI run.
+
+One device per rank, named by the backend (``cuda:LOCAL_RANK``, ``npu:LOCAL_RANK`` or ``cpu``) and made
+current *before* the process group and megatron build anything: megatron allocates its DDP buffers and
+communication tensors on the current device, and NCCL/HCCL only accept tensors on it. The world group's
+timeout is ``ParallelConfig.distributed_timeout_minutes`` (``--distributed-timeout-minutes``, default 30
+as in megatron), so a slow checkpoint write on a big model does not kill the job.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ class ParallelState:
     dp_group: object
     dp_cp_group: object
     sequence_parallel: bool
+    device: torch.device  # this rank's device: every model, batch and collective tensor lives here
 
 
 def free_port() -> int:
@@ -49,11 +55,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def init_device() -> torch.device:
+    """Name this rank's device from the backend and make it the current one; returns it."""
+    backend = current_backend()
+    device = backend.local_device()
+    if device.type != "cpu":
+        count = torch.accelerator.device_count()
+        if device.index >= count:
+            raise ValueError(f"LOCAL_RANK={device.index} but only {count} {device.type} devices are visible; "
+                             f"launch at most {count} processes per node")
+        torch.accelerator.set_device_index(device.index)
+    return device
+
+
 def init_process_group(timeout_s: float = 120.0) -> None:
-    """Initialise the default process group once (no-op if already initialised)."""
+    """Initialise the default process group once (no-op if already initialised), after ``init_device``."""
     if dist.is_initialized():
         return
     backend = current_backend()
+    init_device()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -64,15 +84,14 @@ def init_process_group(timeout_s: float = 120.0) -> None:
             raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are unset; launch with torchrun")
         store = dist.TCPStore("127.0.0.1", free_port(), 1, True, timeout=timeout)
         dist.init_process_group(backend.dist_backend, store=store, rank=0, world_size=1, timeout=timeout)
-    if backend.device_type != "cpu":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.accelerator.set_device_index(local)
 
 
-def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: float = 120.0) -> ParallelState:
-    """Select the backend (if not yet), init the process group and megatron's model-parallel groups."""
+def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: float | None = None) -> ParallelState:
+    """Select the backend (if not yet), set this rank's device, init the process group (timeout
+    ``timeout_s``, default ``cfg.distributed_timeout_minutes``) and megatron's model-parallel groups."""
     select_backend(backend)
-    init_process_group(timeout_s)
+    device = init_device()
+    init_process_group(60.0 * cfg.distributed_timeout_minutes if timeout_s is None else timeout_s)
     from megatron.core import parallel_state as ps
 
     world = dist.get_world_size()
@@ -102,10 +121,11 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: fl
         dp_group=ps.get_data_parallel_group(),
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         sequence_parallel=cfg.sequence_parallel,
+        device=device,
     )
     logger.info(
-        "parallel layout: world %d = TP %d x PP %d x CP %d x DP %d (SP %s)",
-        world, state.tp_size, state.pp_size, state.cp_size, dp, cfg.sequence_parallel,
+        "parallel layout: world %d = TP %d x PP %d x CP %d x DP %d (SP %s) on %s",
+        world, state.tp_size, state.pp_size, state.cp_size, dp, cfg.sequence_parallel, device,
     )
     return state
 

@@ -36,10 +36,6 @@ def apply_rope(x, cos, sin, chunks):
     return kernel("apply_rope")(x, cos, sin, chunks)
 
 
-def adamw_class():
-    return kernel("adamw_class")()
-
-
 __all__ = [
     "BACKENDS",
     "Backend",
@@ -51,5 +47,4 @@ __all__ = [
     "rms_norm",
     "layer_norm",
     "apply_rope",
-    "adamw_class",
 ]

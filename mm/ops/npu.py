@@ -1,36 +1,86 @@
-"""Ascend NPU kernels (torch_npu). Imported only when the ``npu`` backend is selected.
+"""Ascend NPU kernels (torch_npu). Imported only when the ``npu`` backend is selected (or by the contract
+tests, with a fake ``torch_npu``). Same layouts and numerics as ``mm.ops.reference``.
 
-attention: ``torch_npu.npu_fusion_attention`` in BSND layout; its boolean mask means True = *masked*
-(opposite of ours), so the key mask is inverted and broadcast to [B, 1, Sq, Sk] as the kernel requires.
-rms_norm: ``torch_npu.npu_rms_norm`` (same math as the reference). AdamW: ``torch_npu``'s fused AdamW.
+* attention: ``torch_npu.npu_fusion_attention``. Without a key mask: layout ``BSND`` (= our BSHD). With
+  one: layout ``TND`` with the valid keys packed (``mm.ops.varlen``) and ``actual_seq_qlen`` /
+  ``actual_seq_kvlen`` (cumulative host lists, no leading 0), so no ``[B, 1, Sq, Sk]`` mask is ever
+  materialised (it would be 1 GiB per sample at 32k tokens). The kernel's ``atten_mask`` convention is
+  the opposite of ours (True = *masked*); the packed path needs no mask. ``scale`` defaults to 1.0 in
+  the kernel, so it is always passed. Outputs: a tuple whose first element is the attention output.
+* rms_norm: ``torch_npu.npu_rms_norm(x, gamma, epsilon)`` -> ``(y, rstd)``; without a weight: reference.
+* apply_rope: ``torch_npu.npu_rotary_mul(x, cos, sin)`` rotates halves of the *whole* last dim; our
+  rotate-half works within each t/h/w chunk, so the last dim is permuted (all first halves, then all
+  second halves), rotated in fp32 and permuted back.
+* layer_norm: the reference (torch's layer_norm is a native fused NPU op).
+* AdamW: torch's AdamW (foreach). ``NpuFusedAdamW`` fuses by packing all params into combined buffers,
+  which megatron's distributed optimizer (per-shard fp32 state) cannot use.
 """
 
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 import torch_npu  # noqa: F401  (fails loudly if missing: the registry only imports this for npu)
 
 from mm.ops import reference
+from mm.ops.varlen import pack_keys
+
+logger = logging.getLogger(__name__)
+_said: set[str] = set()
+
+
+def _once(reason: str) -> None:
+    if reason not in _said:
+        _said.add(reason)
+        logger.info("npu kernels: %s", reason)
 
 
 def attention(q, k, v, key_mask=None, scale=None):
     b, sq, h, d = q.shape
-    mask = None
-    if key_mask is not None:
-        mask = (~key_mask)[:, None, None, :].expand(b, 1, sq, k.shape[1])
-    return torch_npu.npu_fusion_attention(
-        q, k, v, h, input_layout="BSND", atten_mask=mask, scale=scale if scale is not None else d**-0.5, keep_prob=1.0
+    scale = d**-0.5 if scale is None else scale
+    if key_mask is None:
+        return torch_npu.npu_fusion_attention(q, k, v, h, input_layout="BSND", scale=scale, keep_prob=1.0)[0]
+    p = pack_keys(q, k, v, key_mask)
+    # host lists are the kernel's API: one device->host copy of B+1 ints per call
+    out = torch_npu.npu_fusion_attention(
+        p.q, p.k, p.v, h, input_layout="TND", scale=scale, keep_prob=1.0,
+        actual_seq_qlen=p.cu_seqlens_q[1:].tolist(), actual_seq_kvlen=p.cu_seqlens_k[1:].tolist(),
     )[0]
+    return out.view(b, sq, h, v.shape[-1])  # [B*Sq, N, D] -> [B, Sq, N, D]
 
 
 def rms_norm(x, weight, eps):
     if weight is None:
+        _once("rms_norm without a weight: reference math (npu_rms_norm needs gamma)")
         return reference.rms_norm(x, weight, eps)
-    return torch_npu.npu_rms_norm(x, weight, epsilon=eps)[0]
+    return torch_npu.npu_rms_norm(x, weight.to(x.dtype), epsilon=eps)[0]
 
 
-def adamw_class():
-    return torch_npu.optim.NpuFusedAdamW
+@functools.cache
+def _halves_first(chunks: tuple[int, ...], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index that puts every chunk's first half, then every chunk's second half; and its inverse."""
+    firsts, seconds, start = [], [], 0
+    for c in chunks:
+        firsts += range(start, start + c // 2)
+        seconds += range(start + c // 2, start + c)
+        start += c
+    perm = torch.tensor(firsts + seconds, device=device)
+    return perm, torch.argsort(perm)
+
+
+def apply_rope(x, cos, sin, chunks):
+    reference.check_rope_chunks(chunks, x.shape[-1])
+    perm, inv = _halves_first(tuple(chunks), x.device)
+    xf = x.float().index_select(-1, perm)
+    cos_p = cos.float().expand(*cos.shape[:-1], x.shape[-1]).index_select(-1, perm)
+    sin_p = sin.float().expand(*sin.shape[:-1], x.shape[-1]).index_select(-1, perm)
+    return torch_npu.npu_rotary_mul(xf, cos_p, sin_p).index_select(-1, inv).to(x.dtype)
+
+
+def device_name(device: torch.device) -> str:
+    return torch_npu.npu.get_device_name(device.index if device.index is not None else 0)
 
 
 def kernels() -> dict:
@@ -38,6 +88,5 @@ def kernels() -> dict:
         "attention": attention,
         "rms_norm": rms_norm,
         "layer_norm": reference.layer_norm,
-        "apply_rope": reference.apply_rope,
-        "adamw_class": adamw_class,
+        "apply_rope": apply_rope,
     }

@@ -14,10 +14,19 @@ Layouts and numerics (shared by every backend, see ``mm/ops/__init__.py``):
 
 from __future__ import annotations
 
+import platform
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+
+def check_key_mask(key_mask: torch.Tensor, k: torch.Tensor) -> None:
+    """The one key-mask contract of every backend: bool ``[B, Sk]``, True = attend."""
+    if key_mask.dtype != torch.bool or key_mask.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(
+            f"key_mask must be bool [B, Sk] = {(k.shape[0], k.shape[1])}, got {key_mask.dtype} {tuple(key_mask.shape)}"
+        )
 
 
 def attention(
@@ -31,10 +40,7 @@ def attention(
     q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
     mask = None
     if key_mask is not None:
-        if key_mask.dtype != torch.bool or key_mask.shape != (k.shape[0], k.shape[1]):
-            raise ValueError(
-                f"key_mask must be bool [B, Sk] = {(k.shape[0], k.shape[1])}, got {key_mask.dtype} {tuple(key_mask.shape)}"
-            )
+        check_key_mask(key_mask, k)
         mask = key_mask[:, None, None, :]  # [B, 1, 1, Sk], broadcast over heads and queries
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
@@ -52,10 +58,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor 
     return F.layer_norm(x.float(), (x.shape[-1],), w, b, eps).to(x.dtype)
 
 
+def check_rope_chunks(chunks: Sequence[int], head_dim: int) -> None:
+    if sum(chunks) != head_dim or any(c % 2 for c in chunks):
+        raise ValueError(f"rope chunks {tuple(chunks)} must be even and sum to the head dim {head_dim}")
+
+
 def rotate_half_chunks(x: torch.Tensor, chunks: Sequence[int]) -> torch.Tensor:
     """Per chunk ``u = [u1, u2] -> [-u2, u1]`` along the last dim."""
-    if sum(chunks) != x.shape[-1] or any(c % 2 for c in chunks):
-        raise ValueError(f"rope chunks {tuple(chunks)} must be even and sum to the head dim {x.shape[-1]}")
+    check_rope_chunks(chunks, x.shape[-1])
     out = []
     for u in torch.split(x, list(chunks), dim=-1):
         u1, u2 = u.chunk(2, dim=-1)
@@ -68,8 +78,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunks: Se
     return (xf * cos.float() + rotate_half_chunks(xf, chunks) * sin.float()).to(x.dtype)
 
 
-def adamw_class() -> type[torch.optim.Optimizer]:
-    return torch.optim.AdamW
+def device_name(device: torch.device) -> str:
+    return platform.processor() or platform.machine() or "cpu"
 
 
 def kernels() -> dict:
@@ -78,5 +88,4 @@ def kernels() -> dict:
         "rms_norm": rms_norm,
         "layer_norm": layer_norm,
         "apply_rope": apply_rope,
-        "adamw_class": adamw_class,
     }

@@ -23,7 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu", "cuda", "npu")
-KERNELS = ("attention", "rms_norm", "layer_norm", "apply_rope", "adamw_class")
+KERNELS = ("attention", "rms_norm", "layer_norm", "apply_rope")
 ENV_VAR = "MM_BACKEND"
 
 
@@ -39,11 +39,25 @@ class Backend:
     device_type: str
     dist_backend: str
     kernels: dict[str, Callable] = field(repr=False, compare=False)
+    describe_device: Callable[[torch.device], str] = field(repr=False, compare=False, default=lambda d: str(d))
 
     def device(self, index: int | None = None) -> torch.device:
         if self.device_type == "cpu" or index is None:
             return torch.device(self.device_type)
         return torch.device(self.device_type, index)
+
+    def local_device(self) -> torch.device:
+        """This process's device: ``cuda:LOCAL_RANK`` / ``npu:LOCAL_RANK`` (torchrun sets LOCAL_RANK), or ``cpu``."""
+        if self.device_type == "cpu":
+            return torch.device("cpu")
+        local = os.environ.get("LOCAL_RANK", "0")
+        if not local.isdigit():
+            raise ValueError(f"LOCAL_RANK must be a non-negative integer, got {local!r}")
+        return self.device(int(local))
+
+    def device_name(self) -> str:
+        """Marketing name of this process's device (e.g. ``NVIDIA H100 80GB HBM3``), for the MFU peak table."""
+        return self.describe_device(self.local_device())
 
     def kernel_table(self) -> dict[str, str]:
         """``{kernel name: implementing function}`` for the start-up summary."""
@@ -88,11 +102,15 @@ def resolve_backend_name(name: str | None) -> str:
     return name
 
 
-def _load_kernels(name: str) -> dict[str, Callable]:
-    module = importlib.import_module(f"mm.ops.{'reference' if name == 'cpu' else name}")
+def backend_module(name: str):
+    """The module implementing backend ``name`` (``mm.ops.reference`` for cpu)."""
+    return importlib.import_module(f"mm.ops.{'reference' if name == 'cpu' else name}")
+
+
+def _load_kernels(module) -> dict[str, Callable]:
     kernels = module.kernels()
     missing = set(KERNELS) - set(kernels)
-    assert not missing, f"backend {name} lacks kernels {missing}"
+    assert not missing, f"backend {module.__name__} lacks kernels {missing}"
     return kernels
 
 
@@ -120,7 +138,8 @@ def select_backend(name: str | None = None, *, patch_megatron: bool = True) -> B
                 )
         megatron_patches.apply(resolved)
     dist = {"cpu": "gloo", "cuda": "nccl", "npu": "hccl"}[resolved]
-    _selected = Backend(resolved, resolved, dist, _load_kernels(resolved))
+    module = backend_module(resolved)
+    _selected = Backend(resolved, resolved, dist, _load_kernels(module), module.device_name)
     logger.info("backend %s selected (dist %s)", resolved, dist)
     return _selected
 

@@ -1,14 +1,23 @@
-"""AdamW fused with an EMA of the weights (spec §7.4, MindSpeed ``fused_ema_adamw``).
+"""A weight EMA composed onto whatever optimizer megatron built (spec §7.4, MindSpeed ``fused_ema_adamw``).
 
-Per parameter, after the AdamW update of the fp32 master weight ``θ``:
-``e = d·e + (1−d)·θ`` with ``d = min(cap, (1+u)/(10+u))``, where ``u`` is the number of optimizer
-steps taken before this one (0 on the first step) and ``e`` starts at the initial ``θ``.
+Per parameter, after the inner optimizer's update of the fp32 main weight ``θ``:
+``e = d·e + (1−d)·θ`` (one ``torch._foreach_lerp_``) with ``d = min(cap, (1+u)/(10+u))``, where ``u`` is
+the number of EMA steps taken before this one (0 on the first step) and ``e`` starts at the initial ``θ``.
 
-Unlike upstream, the EMA tensors (state key ``ema_params``) and the EMA step counter are checkpointed,
-so the warm-up does not restart on every resume (spec §12.15). Inside megatron's distributed
-optimizer the inner optimizer works on fp32 master *shards*; ``EmaDistributedOptimizer`` adds
-``ema_params`` to megatron's list of per-parameter state keys so the EMA is sharded, gathered and
-resharded exactly like ``exp_avg``/``exp_avg_sq`` (no megatron code is patched: a subclass).
+The inner optimizer is whatever megatron-core chose: torch ``AdamW`` (no apex/TE), TE or apex
+``FusedAdam``, or an NPU fused AdamW. ``attach_ema`` composes the EMA step onto *its* class
+(``Ema<Inner>`` = ``EmaStep`` mixin + the inner class), so megatron's ``isinstance`` checks and the
+inner kernel are untouched; only the step gains the EMA update.
+
+Unlike upstream, the EMA tensors (state key ``ema_params``, next to ``exp_avg``/``exp_avg_sq``) and the
+EMA step counter (param-group key ``ema_steps``) are checkpointed, so the warm-up does not restart on
+every resume (spec §12.15). Inside megatron's distributed optimizer the inner optimizer works on fp32
+master *shards*; ``EmaDistributedOptimizer`` adds ``ema_params`` to megatron's per-parameter state keys,
+so the EMA is sharded, gathered and resharded exactly like ``exp_avg`` (no megatron code is patched).
+
+EMA tensors exist wherever the inner optimizer's state exists: created (as ``θ`` before the update) on
+the first step, or when a checkpoint is saved or loaded before any step. Fresh state is never put into an
+empty inner state entry, because fused optimizers initialise their own state on ``len(state) == 0``.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from __future__ import annotations
 import torch
 
 EMA_KEY = "ema_params"
+EMA_STEPS = "ema_steps"
+EMA_CAP = "ema_decay_cap"
 
 
 def ema_decay(num_steps_before: int, cap: float) -> float:
@@ -24,58 +35,101 @@ def ema_decay(num_steps_before: int, cap: float) -> float:
     return min(cap, (1.0 + u) / (10.0 + u))
 
 
-class EmaAdamW(torch.optim.AdamW):
-    """torch AdamW + EMA of the updated weights, kept in the optimizer state."""
+def _is_torch_adam(opt) -> bool:
+    return isinstance(opt, (torch.optim.Adam, torch.optim.AdamW))
 
-    def __init__(self, params, *args, ema_decay_cap: float = 0.9999, **kwargs):
-        super().__init__(params, *args, **kwargs)
-        self.init_ema(ema_decay_cap)
+
+class EmaStep:
+    """Mixin placed before an optimizer class: ``step()`` = the inner step, then the EMA step."""
 
     def init_ema(self, ema_decay_cap: float) -> None:
-        """Turn an existing torch AdamW into an EmaAdamW (used after megatron built the optimizer)."""
         for group in self.param_groups:
-            group.setdefault("ema_decay_cap", ema_decay_cap)
-            group.setdefault("ema_steps", 0)
-        self.ensure_state()
+            group.setdefault(EMA_CAP, ema_decay_cap)
+            group.setdefault(EMA_STEPS, 0)
+        if _is_torch_adam(self):
+            self._materialise_torch_adam_state()
 
-    def ensure_state(self) -> None:
-        """Materialise AdamW + EMA state for parameters that have none (fresh optimizer, before a load)."""
+    def _materialise_torch_adam_state(self) -> None:
+        """torch Adam(W) state, laid out as torch's ``_init_group`` would, plus the EMA.
+
+        megatron's no-apex/no-TE checkpoint paths read ``step``/``exp_avg``/``exp_avg_sq`` before the first
+        step (see megatron_patches P7), so for torch's optimizers the state is made complete up front.
+        """
+        fused_or_capturable = any(g.get("fused") or g.get("capturable") for g in self.param_groups)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state[p]
                 if "step" not in st:
-                    st["step"] = torch.tensor(0.0)
+                    st["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if fused_or_capturable
+                                  else torch.tensor(0.0))
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if EMA_KEY not in st:
-                    st[EMA_KEY] = p.detach().clone(memory_format=torch.preserve_format)
+                st.setdefault(EMA_KEY, p.detach().clone(memory_format=torch.preserve_format))
+
+    def ensure_ema_state(self, main_param: torch.Tensor) -> None:
+        """Give ``main_param`` an EMA (= its current value) if its inner state exists but lacks one."""
+        st = self.state.get(main_param)
+        if st and EMA_KEY not in st:
+            st[EMA_KEY] = main_param.detach().clone(memory_format=torch.preserve_format)
 
     @torch.no_grad()
     def step(self, closure=None):
+        # EMA starts at the weights *before* the first update: snapshot the ones that have no EMA yet
+        fresh = {p: p.detach().clone(memory_format=torch.preserve_format)
+                 for g in self.param_groups for p in g["params"] if EMA_KEY not in self.state.get(p, {})}
         loss = super().step(closure)
         for group in self.param_groups:
-            d = ema_decay(group["ema_steps"], group["ema_decay_cap"])
-            emas = [self.state[p][EMA_KEY] for p in group["params"]]
-            if emas:
-                torch._foreach_mul_(emas, d)
-                torch._foreach_add_(emas, [p.detach() for p in group["params"]], alpha=1.0 - d)
-            group["ema_steps"] += 1
+            params = group["params"]
+            if not params:
+                continue
+            for p in params:
+                if EMA_KEY not in self.state[p]:
+                    self.state[p][EMA_KEY] = fresh[p]
+            d = ema_decay(group[EMA_STEPS], group[EMA_CAP])
+            torch._foreach_lerp_([self.state[p][EMA_KEY] for p in params], [p.detach() for p in params], 1.0 - d)
+            group[EMA_STEPS] += 1
         return loss
 
     def ema_tensors(self) -> dict[torch.Tensor, torch.Tensor]:
         return {p: self.state[p][EMA_KEY] for g in self.param_groups for p in g["params"]}
 
 
+_composed: dict[type, type] = {}
+
+
+def ema_class(inner_cls: type) -> type:
+    """``Ema<inner_cls>``: the EMA step composed onto an optimizer class (cached, so pickling/isinstance agree)."""
+    if issubclass(inner_cls, EmaStep):
+        return inner_cls
+    if not issubclass(inner_cls, torch.optim.Optimizer):
+        raise ValueError(f"the EMA composes onto a torch.optim.Optimizer subclass, got {inner_cls.__name__}")
+    if inner_cls not in _composed:
+        _composed[inner_cls] = type(f"Ema{inner_cls.__name__}", (EmaStep, inner_cls),
+                                    {"__module__": __name__, "__doc__": f"{inner_cls.__name__} + weight EMA"})
+    return _composed[inner_cls]
+
+
+def attach_ema(optimizer: torch.optim.Optimizer, ema_decay_cap: float) -> torch.optim.Optimizer:
+    """Turn an existing (inner) optimizer into its EMA-composed class, in place; returns it."""
+    optimizer.__class__ = ema_class(type(optimizer))
+    optimizer.init_ema(ema_decay_cap)
+    return optimizer
+
+
+class EmaAdamW(ema_class(torch.optim.AdamW)):
+    """torch AdamW + EMA of the updated weights, kept in the optimizer state (a direct constructor)."""
+
+    def __init__(self, params, *args, ema_decay_cap: float = 0.9999, **kwargs):
+        torch.optim.AdamW.__init__(self, params, *args, **kwargs)
+        self.init_ema(ema_decay_cap)
+
+
 def make_ema_optimizer(megatron_optimizer, ema_decay_cap: float):
-    """Give a megatron optimizer (distributed or not, or chained) an EMA-AdamW inner optimizer."""
+    """Compose the EMA onto each inner optimizer of a megatron optimizer (distributed or not, or chained)."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
-        inner = opt.optimizer
-        if not isinstance(inner, torch.optim.AdamW):
-            raise ValueError(f"EMA-AdamW needs megatron's AdamW inner optimizer, got {type(inner).__name__}")
-        inner.__class__ = EmaAdamW
-        inner.init_ema(ema_decay_cap)
+        attach_ema(opt.optimizer, ema_decay_cap)
         if isinstance(opt, DistributedOptimizer) and not isinstance(opt, EmaDistributedOptimizer):
             opt.__class__ = EmaDistributedOptimizer
     return megatron_optimizer
@@ -94,6 +148,20 @@ def _distributed_optimizer_subclass():
         def optimizer_state_keys(self):
             return tuple(super().optimizer_state_keys) + (EMA_KEY,)
 
+        def _main_param(self, model_param):
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            return self.optimizer.param_groups[group_index]["params"][group_order]
+
+        def _get_main_param_and_optimizer_states(self, model_param):
+            # a save before the first step: the EMA equals the weights
+            self.optimizer.ensure_ema_state(self._main_param(model_param))
+            return super()._get_main_param_and_optimizer_states(model_param)
+
+        def _set_main_param_and_optimizer_states(self, model_param, tensors):
+            # megatron copies only into state keys that exist: make the EMA one exist (value overwritten)
+            self.optimizer.ensure_ema_state(self._main_param(model_param))
+            return super()._set_main_param_and_optimizer_states(model_param, tensors)
+
     return EmaDistributedOptimizer
 
 
@@ -104,8 +172,9 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
     """The EMA weights in model space (this rank's TP shard, full over DP), keyed like ``model``.
 
     With the distributed optimizer every DP rank holds a disjoint flat slice of each parameter's EMA;
-    the slices are placed into a zero tensor and summed over the DP group. Otherwise the inner
-    optimizer's parameters map one-to-one (fp32 copies of bf16 params, or the params themselves).
+    the slices are placed into a zero tensor on the parameter's device and summed over the DP group
+    (NCCL/HCCL need device tensors). Otherwise the inner optimizer's parameters map one-to-one (fp32
+    copies of bf16 params, or the params themselves).
     """
     import torch.distributed as dist
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -116,15 +185,16 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
             group = opt.data_parallel_group
             for p, (gi, order) in opt.model_param_group_index_map.items():
                 main = opt.optimizer.param_groups[gi]["params"][order]
+                opt.optimizer.ensure_ema_state(main)
                 r = opt._get_model_param_range_map(p)["param"]
-                flat = torch.zeros(p.numel(), dtype=torch.float32)
+                flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
                 flat[r.start:r.end] = opt.optimizer.state[main][EMA_KEY].float().view(-1)
                 found[p] = flat
             owned = set().union(*(buf.params for buf in opt.buffers))
             for p in model.parameters():  # model order: identical on every DP rank
                 if p in owned:
                     if p not in found:
-                        found[p] = torch.zeros(p.numel(), dtype=torch.float32)  # no slice on this rank
+                        found[p] = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # no slice here
                     dist.all_reduce(found[p], group=group)
         else:
             pairs = []
@@ -135,7 +205,42 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
             else:
                 pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
             for model_p, main_p in pairs:
-                found[model_p] = opt.optimizer.state[main_p][EMA_KEY].float().reshape(-1)
+                opt.optimizer.ensure_ema_state(main_p)
+                st = opt.optimizer.state.get(main_p, {})
+                found[model_p] = (st[EMA_KEY] if EMA_KEY in st else main_p.detach()).float().reshape(-1)
     # parameters the optimizer does not own (frozen ones) have a constant EMA: themselves
     return {name: found[p].view(p.shape).to(p.dtype) if p in found else p.detach().clone()
             for name, p in model.named_parameters()}
+
+
+def fuse_inner_optimizers(megatron_optimizer, device: torch.device) -> str:
+    """Run torch Adam(W) inner optimizers with torch's fused kernel where ``device`` has one; describe the result.
+
+    megatron builds TE/apex ``FusedAdam`` when either is installed (already fused) and torch's AdamW
+    otherwise. torch's AdamW has a single-kernel ``fused`` implementation on CUDA (and on NPU where
+    torch_npu registers it); it is switched on per param group, with its ``step`` counters on the device
+    as that kernel requires. Elsewhere (cpu: the reference; npu: torch_npu's ``NpuFusedAdamW`` packs params
+    into combined buffers, which the distributed optimizer's per-shard state cannot use) torch's
+    ``foreach`` path runs, and the returned description says so.
+    """
+    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+
+    names = set()
+    for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        inner = opt.optimizer
+        base = next(c for c in type(inner).__mro__ if not issubclass(c, EmaStep))
+        if _is_torch_adam(inner):
+            # cpu stays on the reference (foreach) path the CPU tests pin; npu: torch_npu registers no
+            # "npu" entry here, so it runs foreach too
+            if device.type != "cpu" and device.type in _get_fused_kernels_supported_devices():
+                for group in inner.param_groups:
+                    group["fused"], group["foreach"] = True, False
+                for st in inner.state.values():
+                    if isinstance(st.get("step"), torch.Tensor):
+                        st["step"] = st["step"].to(device=device, dtype=torch.float32)
+                names.add(f"torch.optim.{base.__name__}(fused)")
+            else:
+                names.add(f"torch.optim.{base.__name__}(foreach; no fused kernel on {device.type})")
+        else:
+            names.add(f"{base.__module__}.{base.__name__}")
+    return ", ".join(sorted(names)) + " + EMA"

@@ -1,7 +1,8 @@
 """Frozen pre-stages of a training step (spec §7.2): WFVAE encode + T5 + CLIP under ``no_grad``.
 
 Each encoder runs in its own dtype (VAE fp32, text encoders bf16 in the released setup) whatever the
-DiT's dtype. With the feature cache (``load_video_features`` / ``load_text_features``) the batch already
+DiT's dtype. The features come out on the rank's device (``device``), whatever the encoders or the
+feature cache produced them on. With the feature cache (``load_video_features`` / ``load_text_features``) the batch already
 carries latents / text features and the matching encoder is not run (and need not be built).
 """
 
@@ -23,10 +24,11 @@ class Features:
 
 class FrozenEncoders:
     def __init__(self, vae=None, t5=None, clip=None, generator: torch.Generator | None = None,
-                 sample_posterior: bool = True):
+                 sample_posterior: bool = True, device: torch.device | str = "cpu"):
         self.vae, self.t5, self.clip = vae, t5, clip
         self.generator = generator
         self.sample_posterior = sample_posterior
+        self.device = torch.device(device)
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> Features:
@@ -49,5 +51,7 @@ class FrozenEncoders:
         video_mask = batch.get("video_mask")
         if video_mask is None:
             video_mask = torch.ones(B, *latents.shape[2:], dtype=torch.int64)
-        return Features(latents=latents, video_mask=video_mask, text=text.reshape(B, text.shape[-2], -1),
-                        text_mask=text_mask.reshape(B, -1), pooled=pooled.reshape(B, -1))
+        dev = dict(device=self.device, non_blocking=True)
+        return Features(latents=latents.to(**dev), video_mask=video_mask.to(**dev),
+                        text=text.reshape(B, text.shape[-2], -1).to(**dev),
+                        text_mask=text_mask.reshape(B, -1).to(**dev), pooled=pooled.reshape(B, -1).to(**dev))

@@ -9,7 +9,8 @@ Matmul FLOPs = 2·m·n·k. Per block with ``Lv`` video and ``Lt`` text tokens, w
 * adaLN GEMMs: ``2·2·Dt·6D`` per sample (tiny).
 
 Training counts forward + backward = 3 x forward (recomputation is not counted: model FLOPs, not
-hardware FLOPs). Peak FLOP/s for MFU come from ``--peak-tflops`` or a table of known accelerators.
+hardware FLOPs). Peak FLOP/s for MFU come from ``--peak-tflops`` or ``PEAK_TFLOPS``, a table of known
+accelerators (H100/H200/H800/H20, A100/A800, Ascend 910B).
 """
 
 from __future__ import annotations
@@ -17,8 +18,29 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# dense bf16 peak TFLOP/s per device
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "A800": 312.0, "910B": 313.0}
+# Dense (no 2:4 sparsity) bf16 peak TFLOP/s per device, from the vendors' data sheets. Matched against the
+# device name (``torch.cuda.get_device_name`` / ``torch_npu.npu.get_device_name``) in this order, first
+# match wins, so the PCIe/NVL variants come before the SXM default of their family.
+PEAK_TFLOPS = {
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,  # SXM5 ("NVIDIA H100 80GB HBM3")
+    "H200": 989.0,  # SXM ("NVIDIA H200"); same tensor cores as H100 SXM
+    "H800": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,  # SXM4 and PCIe
+    "A800": 312.0,
+    "910B": 313.0,  # Ascend 910B ("Ascend910B2", ...): one figure for the family; pass --peak-tflops for a variant
+}
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """Peak bf16 TFLOP/s of a device by its name (case and spaces ignored), or None if not in the table."""
+    key = device_name.replace(" ", "").lower()
+    for pattern, tflops in PEAK_TFLOPS.items():
+        if pattern.replace(" ", "").lower() in key:
+            return tflops
+    return None
 
 
 @dataclass(frozen=True)

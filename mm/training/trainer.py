@@ -36,9 +36,9 @@ from mm.distributed.parallelize import apply_recompute, wrap_ddp
 from mm.ops import current_backend
 from mm.training import checkpointing as ckpt
 from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
-from mm.training.ema_adamw import ema_model_state_dict, make_ema_optimizer
+from mm.training.ema_adamw import ema_model_state_dict, fuse_inner_optimizers, make_ema_optimizer
 from mm.training.frozen import Features, FrozenEncoders
-from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, train_flops
+from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, peak_tflops_for, train_flops
 
 logger = logging.getLogger("mm.train")
 
@@ -81,6 +81,7 @@ class Trainer:
                              "implemented yet)")
         self.ps: ParallelState = init_parallel(run.parallel, run.backend.name)
         self.backend = current_backend()
+        self.device = self.ps.device  # models, features, generators and collectives of this rank live here
         tr = run.training
         self.param_dtype = torch.bfloat16 if tr.bf16 else torch.float32
         self.num_microbatches = tr.num_microbatches(self.ps.dp_size)
@@ -91,17 +92,18 @@ class Trainer:
         self._seed(tr.seed)
 
         # frozen pre-stages, each in its own dtype
-        vae = None if spec.load_video_features else build_vae(spec)
+        vae = None if spec.load_video_features else build_vae(spec, device=self.device)
         t5 = clip = None
         if not spec.load_text_features:
-            t5, clip = build_text_encoders(spec)
-        # posterior samples: identical on the ranks of a TP/CP group (they encode the same sample)
-        self.vae_generator = torch.Generator().manual_seed(tr.seed + 7919 * self.ps.dp_rank)
-        self.encoders = FrozenEncoders(vae, t5, clip, generator=self.vae_generator)
+            t5, clip = build_text_encoders(spec, device=self.device)
+        # posterior samples: identical on the ranks of a TP/CP group (they encode the same sample); drawn on
+        # the VAE's device. Flow-matching noise stays on a CPU generator (as upstream), moved to the device.
+        self.vae_generator = torch.Generator(device=self.device).manual_seed(tr.seed + 7919 * self.ps.dp_rank)
+        self.encoders = FrozenEncoders(vae, t5, clip, generator=self.vae_generator, device=self.device)
 
         # the denoiser: TP layout from the parallel state, recompute, DDP, optimizer with EMA
         ckpt_path = spec.predictor_checkpoint if spec.predictor_checkpoint else None
-        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path)
+        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path, device=self.device)
         apply_recompute(self.model, tr.recompute_granularity,
                         tr.selective_recompute_ffn_layers if tr.recompute_granularity == "selective"
                         else tr.recompute_num_layers)
@@ -135,7 +137,7 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(tb_dir)
-        self.peak_tflops = peak_tflops
+        self.peak_tflops = peak_tflops if peak_tflops is not None else self._known_peak_tflops()
         self.history: list[StepResult] = []
         self._summary(time.time() - t0)
 
@@ -157,7 +159,20 @@ class Trainer:
             bf16=self.run.training.bf16, params_dtype=self.param_dtype,
             use_distributed_optimizer=o.use_distributed_optimizer,
         )
-        return make_ema_optimizer(get_megatron_optimizer(cfg, [self.ddp]), o.ema_decay)
+        optimizer = make_ema_optimizer(get_megatron_optimizer(cfg, [self.ddp]), o.ema_decay)
+        self.optimizer_kind = fuse_inner_optimizers(optimizer, self.device)
+        return optimizer
+
+    def _known_peak_tflops(self) -> float | None:
+        """Peak bf16 TFLOP/s of this device from the table of known accelerators (None: MFU n/a, said once)."""
+        if self.backend.device_type == "cpu":
+            return None
+        name = self.backend.device_name()
+        peak = peak_tflops_for(name)
+        if peak is None and _is_rank0():
+            logger.warning("MFU n/a: %r is not in the peak table (%s); pass --peak-tflops", name,
+                           ", ".join(PEAK_TFLOPS))
+        return peak
 
     def _build_scheduler(self):
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -232,7 +247,8 @@ class Trainer:
         action, grad_norm = self._optimizer_step()
         self.iteration += 1
         self.scheduler.step(increment=1)
-        loss = torch.stack([d["loss"] for d in losses]).mean() if losses else torch.tensor(math.nan)
+        loss = (torch.stack([d["loss"] for d in losses]).mean() if losses
+                else torch.tensor(math.nan, device=self.device))
         if dist.is_initialized():
             dist.all_reduce(loss, group=self.ps.dp_group)
             loss /= self.ps.dp_size
@@ -335,7 +351,8 @@ class Trainer:
             f"micro-batches = global {self.run.training.global_batch_size}",
             f"SUV params: {n_total:,} ({n_local:,} on this rank); frozen encoders {frozen:,}; "
             f"dtype {self.param_dtype}",
-            f"optimizer: {'distributed ' if self.run.optimizer.use_distributed_optimizer else ''}EMA-AdamW "
+            f"optimizer: {'distributed ' if self.run.optimizer.use_distributed_optimizer else ''}"
+            f"{self.optimizer_kind} "
             f"lr {self.run.optimizer.lr} ({self.run.optimizer.lr_decay_style}), adaptive clipping "
             f"{'on' if self.adaptive_clip else 'off'}, recompute {self.run.training.recompute_granularity}",
             f"memory: RSS {psutil.Process().memory_info().rss / 2**20:.0f} MiB; built in {build_seconds:.1f}s; "

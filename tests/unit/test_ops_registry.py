@@ -202,11 +202,6 @@ def test_apply_rope_rejects_bad_chunks(chunks):
         ops.apply_rope(x, torch.ones(16), torch.zeros(16), chunks)
 
 
-def test_adamw_class_is_torch_adamw_on_cpu():
-    assert ops.adamw_class() is torch.optim.AdamW
-    assert reference.adamw_class() is torch.optim.AdamW
-
-
 # ---------------------------------------------------------------------------------------------- portability
 # Backend modules may talk to their device; everything else goes through mm.ops / the Backend object.
 BACKEND_MODULES = {"mm/ops/cuda.py", "mm/ops/npu.py"}

@@ -1,0 +1,1 @@
+"""Fake ``apex`` package root (only ``apex.normalization.fused_layer_norm`` is provided)."""

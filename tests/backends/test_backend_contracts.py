@@ -1,0 +1,193 @@
+"""The cuda and npu kernel wrappers on CPU, against fakes of the libraries they call (tests/backends/fakes).
+
+Each fake implements its library's documented contract (layouts, dtypes, mask polarity, varlen
+cu_seqlens / actual_seq_*len, return tuples) with plain fp32 math and rejects what the real library
+rejects; the wrappers' outputs (and gradients) are compared with ``mm.ops.reference``. A wrapper that
+passes the wrong layout, the wrong mask polarity or a dense mask where a packed one is expected fails
+here; ``test_flipped_npu_mask_polarity_is_caught`` shows that the comparison notices a polarity flip.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import sys
+import types
+
+import pytest
+import torch
+
+from mm.ops import reference
+
+FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
+FAKE_MODULES = ("fakes_math", "flash_attn", "apex", "torch_npu")
+
+
+def _drop(prefixes):
+    for name in list(sys.modules):
+        if any(name == p or name.startswith(p + ".") for p in prefixes):
+            del sys.modules[name]
+
+
+@pytest.fixture
+def fake_libs(monkeypatch):
+    """Fakes importable; fresh ``mm.ops.cuda``/``mm.ops.npu`` built against them; everything removed after."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    _drop(FAKE_MODULES + ("mm.ops.cuda", "mm.ops.npu"))
+    cuda = importlib.import_module("mm.ops.cuda")
+    npu = importlib.import_module("mm.ops.npu")
+    yield cuda, npu, sys.modules["flash_attn"], sys.modules["torch_npu"]
+    _drop(FAKE_MODULES + ("mm.ops.cuda", "mm.ops.npu"))
+
+
+def _qkv(dtype, b=2, sq=6, sk=9, h=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, s, h, d, generator=g).to(dtype).requires_grad_() for s in (sq, sk, sk)]
+
+
+def _mask():
+    # not a prefix (SUV keys: valid video tokens, then valid caption tokens), and different per sample
+    return torch.tensor([[True, True, False, True, True, True, False, False, True],
+                         [True, False, True, True, False, True, True, True, True]])
+
+
+TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _compare_with_grads(fn, q, k, v, mask, scale, tol):
+    """Output and q/k/v gradients of ``fn`` equal the reference's (same upstream gradient)."""
+    out = fn(q, k, v, mask, scale)
+    ref = reference.attention(q, k, v, mask, scale)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    torch.testing.assert_close(out.float(), ref.float(), **tol)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- cuda
+@pytest.mark.parametrize("masked", [True, False], ids=["key_mask", "no_mask"])
+def test_cuda_attention_uses_flash_and_matches_reference(fake_libs, masked):
+    cuda, _, flash, _ = fake_libs
+    q, k, v = _qkv(torch.bfloat16)
+    before = dict(flash.calls)
+    _compare_with_grads(cuda.attention, q, k, v, _mask() if masked else None, 0.3, TOL[torch.bfloat16])
+    used = "flash_attn_varlen_func" if masked else "flash_attn_func"
+    assert flash.calls[used] == before[used] + 1  # the fast path ran, not the SDPA fallback
+
+
+def test_cuda_attention_masked_keys_have_no_influence(fake_libs):
+    cuda, *_ = fake_libs
+    q, k, v = (t.detach() for t in _qkv(torch.bfloat16))
+    mask = _mask()
+    out = cuda.attention(q, k, v, mask, None)
+    v2 = v.clone()
+    v2[~mask] = 100.0  # garbage in padded keys
+    torch.testing.assert_close(cuda.attention(q, k, v2, mask, None), out, atol=0, rtol=0)
+
+
+def test_cuda_attention_fp32_takes_sdpa_and_says_why(fake_libs, caplog):
+    cuda, _, flash, _ = fake_libs
+    q, k, v = _qkv(torch.float32)
+    before = dict(flash.calls)
+    with caplog.at_level("INFO", logger="mm.ops.cuda"):
+        _compare_with_grads(cuda.attention, q, k, v, _mask(), None, TOL[torch.float32])
+    assert flash.calls == before
+    assert "flash-attn needs fp16/bf16" in caplog.text
+
+
+def test_cuda_attention_rejects_bad_mask(fake_libs):
+    cuda, *_ = fake_libs
+    q, k, v = _qkv(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"key_mask must be bool \[B, Sk\]"):
+        cuda.attention(q, k, v, _mask().float(), None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cuda_norms_via_apex_match_reference(fake_libs, dtype, affine):
+    cuda, *_ = fake_libs
+    g = torch.Generator().manual_seed(2)
+    x = (3 * torch.randn(2, 5, 32, generator=g) + 1).to(dtype)
+    w = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype) if affine else None
+    b = (0.1 * torch.randn(32, generator=g)).to(dtype) if affine else None
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(cuda.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **tol)
+    torch.testing.assert_close(cuda.layer_norm(x, w, b, 1e-5), reference.layer_norm(x, w, b, 1e-5), **tol)
+    assert cuda._apex_norm is sys.modules["apex.normalization.fused_layer_norm"]
+
+
+def test_cuda_norm_with_fp32_weight_on_bf16_input_avoids_apex(fake_libs, caplog):
+    cuda, *_ = fake_libs
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    w = torch.rand(16) + 0.5  # fp32: apex would reject the mix
+    with caplog.at_level("INFO", logger="mm.ops.cuda"):
+        torch.testing.assert_close(cuda.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
+    assert "weight dtype differs" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- npu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False], ids=["key_mask", "no_mask"])
+def test_npu_attention_matches_reference(fake_libs, dtype, masked):
+    _, npu, _, torch_npu = fake_libs
+    q, k, v = _qkv(dtype)
+    torch_npu.calls["npu_fusion_attention"].clear()
+    # scale=None: the wrapper must pass D**-0.5 itself (the kernel's default is 1.0)
+    _compare_with_grads(npu.attention, q, k, v, _mask() if masked else None, None, TOL[dtype])
+    assert torch_npu.calls["npu_fusion_attention"] == ["TND" if masked else "BSND"]
+
+
+def test_flipped_npu_mask_polarity_is_caught(fake_libs, monkeypatch):
+    """A kernel whose boolean mask meant 'attend' would give a different result: the comparison sees it."""
+    _, npu, _, torch_npu = fake_libs
+    q, k, v = (t.detach() for t in _qkv(torch.float32))
+    mask = _mask()
+    b, sq, h, d = q.shape
+    dense = (~mask)[:, None, None, :].expand(b, 1, sq, k.shape[1])  # the documented polarity: True = masked
+    right = torch_npu.npu_fusion_attention(q, k, v, h, "BSND", atten_mask=dense, scale=d**-0.5)[0]
+    torch.testing.assert_close(right, reference.attention(q, k, v, mask), atol=2e-5, rtol=2e-5)
+    monkeypatch.setattr(torch_npu, "MASK_TRUE_MEANS", "attend")
+    wrong = torch_npu.npu_fusion_attention(q, k, v, h, "BSND", atten_mask=dense, scale=d**-0.5)[0]
+    assert not torch.allclose(wrong, reference.attention(q, k, v, mask), atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_npu_rms_norm_matches_reference(fake_libs, dtype):
+    _, npu, _, torch_npu = fake_libs
+    g = torch.Generator().manual_seed(3)
+    x = (2 * torch.randn(4, 24, generator=g)).to(dtype)
+    w = (1 + 0.1 * torch.randn(24, generator=g)).to(dtype)
+    n = torch_npu.calls["npu_rms_norm"]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(npu.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6), **tol)
+    assert torch_npu.calls["npu_rms_norm"] == n + 1
+    torch.testing.assert_close(npu.rms_norm(x, None, 1e-6), reference.rms_norm(x, None, 1e-6))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_npu_chunked_rope_matches_reference(fake_libs, dtype):
+    _, npu, _, torch_npu = fake_libs
+    chunks = (4, 6, 6)  # t/h/w: rotate-half within each chunk, unlike npu_rotary_mul's whole-dim rotation
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 5, 3, 16, generator=g).to(dtype)
+    angles = torch.rand(1, 5, 1, 8, generator=g) * 6
+    halves = torch.split(angles, [c // 2 for c in chunks], dim=-1)
+    cos = torch.cat([torch.cat([a.cos(), a.cos()], -1) for a in halves], -1)
+    sin = torch.cat([torch.cat([a.sin(), a.sin()], -1) for a in halves], -1)
+    n = torch_npu.calls["npu_rotary_mul"]
+    got = npu.apply_rope(x, cos, sin, chunks)
+    assert torch_npu.calls["npu_rotary_mul"] == n + 1 and got.dtype == dtype
+    torch.testing.assert_close(got, reference.apply_rope(x, cos, sin, chunks), atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="rope chunks"):
+        npu.apply_rope(x, cos, sin, (4, 6, 4))
+
+
+def test_backend_modules_name_their_device(fake_libs):
+    _, npu, _, _ = fake_libs
+    npu_3 = types.SimpleNamespace(type="npu", index=3)  # torch.device("npu") exists only with torch_npu
+    assert npu.device_name(npu_3) == "Ascend910B2 (fake 3)"
+    assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(reference.kernels())
