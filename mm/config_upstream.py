@@ -423,7 +423,8 @@ def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig
     if "parallel" in parts:
         with problems.check():
             dp = parts["parallel"].data_parallel_size(world_size)
-    gbs = args.global_batch_size if args.global_batch_size is not None else args.micro_batch_size * (dp or 1)
+    # the default global batch is micro x DP (a bad --micro-batch-size is reported once, not again here)
+    gbs = args.global_batch_size if args.global_batch_size is not None else max(args.micro_batch_size, 1) * (dp or 1)
     recompute = "full" if args.recompute_granularity == "full" else ("selective" if args.selective_recom else None)
     part("optimizer", lambda: OptimizerConfig(
         lr=args.lr, min_lr=args.lr if args.min_lr is None else args.min_lr, lr_decay_style=args.lr_decay_style,

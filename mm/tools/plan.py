@@ -391,9 +391,9 @@ def _row(e: Estimate) -> list[str]:
     if not supported(e.layout):  # the model does not cover stage splits or ring attention: no numbers
         return head + ["-"] * (len(COLUMNS) - len(head) - 1) + ["; ".join(e.problems)]
     m = e.memory
-    gb = lambda v: f"{v / GB:.1f}"  # noqa: E731
+    gb = lambda v: f"{v / GB:.3g}"  # noqa: E731
     return head + [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["ema"]), gb(m["activations"]),
-                   gb(m["frozen"]), gb(peak_bytes(m)), f"{e.step_seconds:.2f}",
+                   gb(m["frozen"]), gb(peak_bytes(m)), f"{e.step_seconds:.3g}",
                    f"{100 * e.mfu:.1f}%" if e.mfu is not None else "n/a", "; ".join(e.problems)]
 
 

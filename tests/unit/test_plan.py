@@ -66,3 +66,59 @@ def test_memory_model_within_20_percent_of_measured_peak(ws, name):
     for m in measured:
         assert abs(predicted - m.peak_bytes) <= 0.2 * m.peak_bytes, (name, predicted, m)
 
+
+
+@pytest.fixture(scope="module")
+def released():
+    from mm.config_upstream import load_model_json
+    from mm.tools.plan import model_facts
+
+    return model_facts(load_model_json(RELEASED))
+
+
+def _video4(facts, layout):
+    from mm.tools.plan import DEVICES, Workload, estimate
+
+    work = Workload.from_pixels(facts, 121, 576, 1024, text_len=512, micro_batch=1, global_batch=512)
+    return estimate(facts, layout, work, DEVICES["910b"], 512)
+
+
+def test_released_param_count(released):
+    assert released.total_params == 8_504_661_120  # spec §2.13, last block's dead text modules omitted
+
+
+def test_report_video4_layout_is_feasible(released):
+    from mm.tools.plan import GB, Layout, peak_bytes
+
+    e = _video4(released, Layout(tp=4, cp=1, dp=128, recompute="selective"))  # 512 910B, TP/SP 4, GA 4, MBS 1
+    assert e.feasible, e.problems
+    assert e.micro_batches == 4
+    assert peak_bytes(e.memory) < 64 * GB
+
+
+def test_layout_upstream_could_not_run_is_infeasible(released):
+    from mm.tools.plan import Layout
+
+    # plain data parallelism holds bf16 weights + fp32 grads of all 8.5B parameters (51 GB) on every NPU:
+    # 121x576x1024 does not fit in 64 GB even with full recompute
+    e = _video4(released, Layout(tp=1, cp=1, dp=512, sequence_parallel=False, recompute="full"))
+    assert not e.feasible and "GB > 64 GB" in e.problems[0]
+
+
+def test_pipeline_and_ring_layouts_are_listed_as_not_supported(released):
+    from mm.tools.plan import Layout
+
+    assert "pipeline parallelism is not supported yet" in _video4(released, Layout(tp=4, cp=1, dp=64, pp=2)).problems
+    ring = _video4(released, Layout(tp=4, cp=2, dp=64, cp_algorithm="ring"))
+    assert "ring context parallelism is not supported yet" in ring.problems
+
+
+def test_cli_table_and_bad_shape(ws, capsys):
+    from mm.tools.plan import main
+
+    assert main(["--mm-model", ws["model"], "--num-devices", "16", "--seq-shape", "9x32x32", "--text-len", "16",
+                 "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "feasible layouts (fastest first; 3 shown)" in out and "TP4+SP CP1 PP1 DP4" in out and "not supported yet" in out
+    assert main(["--mm-model", ws["model"], "--num-devices", "16", "--seq-shape", "120x576x1024"]) == 2
+    assert "error: --seq-shape 120x576x1024" in capsys.readouterr().err
