@@ -10,16 +10,25 @@ Runs in a plain process too (world 1). ``--help`` lists every flag.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
 
 
+class _RankZeroParser(argparse.ArgumentParser):
+    """argparse whose usage errors (exit 2) are printed by rank 0 only, not once per torchrun worker."""
+
+    def error(self, message):
+        if os.environ.get("RANK", "0") == "0":
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from mm.config_upstream import add_megatron_flags
 
-    p = argparse.ArgumentParser(
+    p = _RankZeroParser(
         description="Train the Open-Sora Plan v1.5 SUV denoiser on megatron-core (flow matching, frozen WFVAE + "
                     "T5 + CLIP). Upstream launch flags keep their upstream meaning; GPT placeholders are accepted "
                     "with a warning and have no effect.")
@@ -36,24 +45,38 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _errors(problems: list[str], rank: int) -> None:
+    if rank == 0:  # the other ranks found the same problems
+        for p in problems:
+            print(f"pretrain_sora.py: error: {p}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))  # rank 0 reports progress; the others only warnings
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
-    from mm.ops import select_backend
+    from mm.config import ConfigErrors
+    from mm.config_upstream import warn_inert_flags
+    from mm.training.preflight import validate_training
 
-    select_backend(args.backend)  # before megatron is imported anywhere
-    from mm.config_upstream import load_data_config, load_model_json, run_config_from_args, warn_inert_flags
+    if rank == 0:
+        warn_inert_flags(args)
+    try:  # every problem at once, before anything is built
+        spec, data_cfg, run = validate_training(args, int(os.environ.get("WORLD_SIZE", "1")))
+    except ConfigErrors as e:
+        _errors(e.problems, rank)
+        return 2
+    from mm.ops import BackendUnavailableError, select_backend
+
+    try:
+        select_backend(run.backend.name)  # before megatron is imported anywhere
+    except BackendUnavailableError as e:
+        _errors([str(e)], rank)
+        return 2
     from mm.training.clipping import TooManyBadSteps
     from mm.training.trainer import Trainer
 
-    warn_inert_flags(args)
-    spec = load_model_json(args.mm_model)
-    data_cfg = load_data_config(args.mm_data)
-    run = run_config_from_args(args, int(os.environ.get("WORLD_SIZE", "1")))
-    if spec.enable_encoder_dp and not run.parallel.encoder_data_parallel:
-        run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, encoder_data_parallel=True))
     trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
                       data_num_workers=args.data_num_workers, data_index=args.data_index)
     try:

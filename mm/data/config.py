@@ -211,7 +211,7 @@ class DataConfig:
         if isinstance(source, (str, os.PathLike)):
             base_dir = os.path.dirname(os.path.abspath(source))
             if not os.path.isfile(source):
-                raise FileNotFoundError(f"data config not found: {source}")
+                raise ValueError(f"data config not found: {source}")
             with open(source, encoding="utf-8") as f:
                 try:
                     source = json.load(f)

@@ -199,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=None, help="override max_height (fixed resolution)")
     p.add_argument("--width", type=int, default=None, help="override max_width (fixed resolution)")
     a = p.parse_args(argv)
+    missing = [f"{flag} {path}: not found" for flag, path in (("--data", a.data), ("--vae-config", a.vae_config),
+               ("--vae-checkpoint", a.vae_checkpoint), ("--t5", a.t5), ("--clip", a.clip)) if path and not os.path.exists(path)]
+    if missing:  # all of them, before anything is built
+        p.error("; ".join(missing))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     overrides: dict[str, Any] = {}
     if a.num_frames is not None:

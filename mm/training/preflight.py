@@ -1,0 +1,105 @@
+"""One validation pass for ``pretrain_sora.py``, before torch.distributed or any model is built.
+
+Every problem of the command line and the model / data JSONs is collected (``mm.config.Problems``):
+bad values and ranges, unknown JSON keys, world size vs TP x PP x CP, batch divisibility, TP x CP vs
+the attention heads, missing files (all listed), ``--load`` without a checkpoint, an optimizer-kind
+switch on resume. The entry point prints one ``error:`` line per problem on rank 0 and exits 2.
+Imports no megatron, so it runs before the backend is selected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from mm.config import Problems, RunConfig
+from mm.config_upstream import ModelSpec, load_data_config, load_model_json, run_config_from_args
+from mm.data.config import DataConfig
+
+
+def _missing_model_files(spec: ModelSpec, video_cached: bool, text_cached: bool) -> list[str]:
+    out = []
+    if not video_cached and spec.ae_checkpoint and not os.path.exists(spec.ae_checkpoint):
+        out.append(f"--mm-model: WFVAE checkpoint (ae.from_pretrained) not found: {spec.ae_checkpoint}")
+    if not text_cached:
+        for what, path in (("T5 directory (text_encoder.from_pretrained)", spec.text.t5),
+                           ("CLIP directory (text_encoder_2.from_pretrained)", spec.text.clip)):
+            if not path:
+                out.append(f"--mm-model: no {what}: the model JSON must name it unless text features are cached")
+            elif not os.path.isdir(path):
+                out.append(f"--mm-model: {what} not found: {path}")
+    if spec.predictor_checkpoint and not os.path.exists(spec.predictor_checkpoint):
+        out.append(f"--mm-model: SUV checkpoint (predictor.from_pretrained) not found: {spec.predictor_checkpoint}")
+    return out
+
+
+def _missing_data_files(cfg: DataConfig) -> list[str]:
+    from mm.data.annotations import read_data_txt
+
+    if not os.path.isfile(cfg.data_path):
+        return [f"--mm-data: data list (data_path) not found: {cfg.data_path}"]
+    out = []
+    if cfg.data_path.endswith(".txt"):
+        try:
+            sources = read_data_txt(cfg.data_path)
+        except ValueError as e:
+            return [f"--mm-data: {e}"]
+        for src in sources:
+            if not os.path.isfile(src.annotation):
+                out.append(f"--mm-data: annotation file not found: {src.annotation} (listed in {cfg.data_path})")
+            if src.root and not os.path.isdir(src.root):
+                out.append(f"--mm-data: data folder not found: {src.root} (listed in {cfg.data_path})")
+    if (cfg.load_video_features or cfg.load_text_features) and cfg.feature_dir and not os.path.isdir(cfg.feature_dir):
+        out.append(f"--mm-data: feature_dir not found: {cfg.feature_dir} (run python -m mm.data.extract_features)")
+    return out
+
+
+def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelSpec, DataConfig, RunConfig]:
+    """(model spec, data config, run config) of a valid command line; ``ConfigErrors`` listing every problem."""
+    from mm.training.checkpointing import resume_problems
+
+    problems = Problems()
+    spec = data_cfg = run = suv = None
+    with problems.check("--mm-model: "):
+        spec = load_model_json(args.mm_model)
+    with problems.check("--mm-data: "):
+        data_cfg = load_data_config(args.mm_data)
+    with problems.check():
+        run = run_config_from_args(args, world_size)
+    if getattr(args, "data_num_workers", None) is not None and args.data_num_workers < 0:
+        problems.add(f"--data-num-workers {args.data_num_workers}: must be >= 0")
+    if spec is not None:
+        with problems.check("--mm-model: "):
+            suv = spec.suv_config()
+        video_cached = spec.load_video_features or bool(data_cfg and data_cfg.load_video_features)
+        text_cached = spec.load_text_features or bool(data_cfg and data_cfg.load_text_features)
+        for msg in _missing_model_files(spec, video_cached, text_cached):
+            problems.add(msg)
+    if data_cfg is not None:
+        for msg in _missing_data_files(data_cfg):
+            problems.add(msg)
+    if run is not None:
+        if spec is not None and spec.enable_encoder_dp and not run.parallel.encoder_data_parallel:
+            run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, encoder_data_parallel=True))
+        par, tr = run.parallel, run.training
+        if par.pipeline_model_parallel_size > 1:
+            problems.add(f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}: the SUV trainer "
+                         "supports TP (+SP) x CP x DP; pipeline parallelism must be 1")
+        group = par.tensor_model_parallel_size * par.context_parallel_size
+        if suv is not None and suv.num_heads % group:
+            problems.add(f"--tensor-model-parallel-size {par.tensor_model_parallel_size} x --context-parallel-size "
+                         f"{par.context_parallel_size} = {group} does not divide the model's {suv.num_heads} "
+                         "attention heads (predictor.num_heads)")
+        if par.encoder_data_parallel and world_size % par.model_parallel_size == 0:
+            mb = tr.global_batch_size // max(1, tr.micro_batch_size * (world_size // par.model_parallel_size))
+            if mb % group:
+                problems.add(f"encoder data parallelism needs the micro-batches per step ({mb}) divisible by "
+                             f"TP x CP = {group}: raise --global-batch-size")
+        if tr.rollback_on_spike is not None and not run.checkpoint.save:
+            problems.add("--rollback-on-spike needs --save: it reloads the last checkpoint written there")
+    for msg in resume_problems(args.load, args.save, args.use_distributed_optimizer,
+                               not args.no_load_optim and not args.finetune):
+        problems.add(msg)
+    problems.raise_if_any()
+    return spec, data_cfg, run
