@@ -15,9 +15,10 @@ every resume (spec §12.15). Inside megatron's distributed optimizer the inner o
 master *shards*; ``EmaDistributedOptimizer`` adds ``ema_params`` to megatron's per-parameter state keys,
 so the EMA is sharded, gathered and resharded exactly like ``exp_avg`` (no megatron code is patched).
 
-EMA tensors exist wherever the inner optimizer's state exists: created (as ``θ`` before the update) on
-the first step, or when a checkpoint is saved or loaded before any step. Fresh state is never put into an
-empty inner state entry, because fused optimizers initialise their own state on ``len(state) == 0``.
+EMA tensors are created (as ``θ`` before the update) by the first step; a fresh optimizer that loads a
+checkpoint gets them from megatron, which allocates every key of ``optimizer_state_keys``. Nothing is put
+into an empty inner state entry before that, because fused optimizers initialise their own state on
+``len(state) == 0`` (torch's Adam(W) is the exception: its whole state is materialised up front, below).
 """
 
 from __future__ import annotations
@@ -65,12 +66,6 @@ class EmaStep:
                     st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 st.setdefault(EMA_KEY, p.detach().clone(memory_format=torch.preserve_format))
-
-    def ensure_ema_state(self, main_param: torch.Tensor) -> None:
-        """Give ``main_param`` an EMA (= its current value) if its inner state exists but lacks one."""
-        st = self.state.get(main_param)
-        if st and EMA_KEY not in st:
-            st[EMA_KEY] = main_param.detach().clone(memory_format=torch.preserve_format)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -148,24 +143,15 @@ def _distributed_optimizer_subclass():
         def optimizer_state_keys(self):
             return tuple(super().optimizer_state_keys) + (EMA_KEY,)
 
-        def _main_param(self, model_param):
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            return self.optimizer.param_groups[group_index]["params"][group_order]
-
-        def _get_main_param_and_optimizer_states(self, model_param):
-            # a save before the first step: the EMA equals the weights
-            self.optimizer.ensure_ema_state(self._main_param(model_param))
-            return super()._get_main_param_and_optimizer_states(model_param)
-
-        def _set_main_param_and_optimizer_states(self, model_param, tensors):
-            # megatron copies only into state keys that exist: make the EMA one exist (value overwritten)
-            self.optimizer.ensure_ema_state(self._main_param(model_param))
-            return super()._set_main_param_and_optimizer_states(model_param, tensors)
-
     return EmaDistributedOptimizer
 
 
 EmaDistributedOptimizer = _distributed_optimizer_subclass()
+
+
+def _ema_of(inner, main_param: torch.Tensor) -> torch.Tensor:
+    """The EMA of one main parameter; before the first step the EMA is the weights themselves."""
+    return inner.state.get(main_param, {}).get(EMA_KEY, main_param.detach())
 
 
 def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -185,10 +171,9 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
             group = opt.data_parallel_group
             for p, (gi, order) in opt.model_param_group_index_map.items():
                 main = opt.optimizer.param_groups[gi]["params"][order]
-                opt.optimizer.ensure_ema_state(main)
                 r = opt._get_model_param_range_map(p)["param"]
                 flat = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                flat[r.start:r.end] = opt.optimizer.state[main][EMA_KEY].float().view(-1)
+                flat[r.start:r.end] = _ema_of(opt.optimizer, main).float().view(-1)
                 found[p] = flat
             owned = set().union(*(buf.params for buf in opt.buffers))
             for p in model.parameters():  # model order: identical on every DP rank
@@ -205,9 +190,7 @@ def ema_model_state_dict(megatron_optimizer, model: torch.nn.Module) -> dict[str
             else:
                 pairs = [(p, p) for g in opt.optimizer.param_groups for p in g["params"]]
             for model_p, main_p in pairs:
-                opt.optimizer.ensure_ema_state(main_p)
-                st = opt.optimizer.state.get(main_p, {})
-                found[model_p] = (st[EMA_KEY] if EMA_KEY in st else main_p.detach()).float().reshape(-1)
+                found[model_p] = _ema_of(opt.optimizer, main_p).float().reshape(-1)
     # parameters the optimizer does not own (frozen ones) have a constant EMA: themselves
     return {name: found[p].view(p.shape).to(p.dtype) if p in found else p.detach().clone()
             for name, p in model.named_parameters()}

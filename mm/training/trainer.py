@@ -428,14 +428,16 @@ class Trainer:
 
     def _restart_optimizer_from_weights(self) -> None:
         """A fresh optimizer over loaded weights: fp32 master copies and the EMA restart from them."""
-        from mm.training.ema_adamw import EMA_KEY
+        from mm.training.ema_adamw import EMA_KEY, EMA_STEPS
 
         self.optimizer.reload_model_params()
         for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
             for group in opt.optimizer.param_groups:
-                group["ema_steps"] = 0
-                for p in group["params"]:
-                    opt.optimizer.state[p][EMA_KEY].copy_(p.detach())
+                group[EMA_STEPS] = 0
+                for p in group["params"]:  # an EMA not created yet starts from the weights at the first step
+                    state = opt.optimizer.state.get(p, {})
+                    if EMA_KEY in state:
+                        state[EMA_KEY].copy_(p.detach())
 
     def close(self) -> None:
         if self.tb:
