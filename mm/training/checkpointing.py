@@ -43,11 +43,27 @@ logger = logging.getLogger(__name__)
 LATEST = "latest_checkpointed_iteration.txt"
 META = "meta.json"
 OPT_META = {"distrib_optim_sharding_type": "fully_reshardable"}
-_ITER_RE = re.compile(r"^iter_(\d{7})$")
+_ITER_RE = re.compile(r"^iter_(\d{7})(\.old)?$")
 
 
 def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
+
+
+def complete_dirs(root: str | os.PathLike) -> dict[int, Path]:
+    """Complete checkpoints under ``root`` by iteration: ``iter_N``, or ``iter_N.old`` when a re-save of N
+    was interrupted between its two renames (the old copy is then the good one)."""
+    out: dict[int, Path] = {}
+    for p in Path(root).glob("iter_*"):
+        m = _ITER_RE.match(p.name)
+        if m and p.is_dir() and (not m.group(2) or int(m.group(1)) not in out):
+            out[int(m.group(1))] = p
+    return out
+
+
+def checkpoint_dir(root: str | os.PathLike, iteration: int) -> Path:
+    """The directory holding iteration ``iteration`` (see ``complete_dirs``)."""
+    return complete_dirs(root).get(iteration, iter_dir(root, iteration))
 
 
 def model_sharded_state_dict(module: torch.nn.Module, prefix: str = "", metadata: dict | None = None) -> dict:
@@ -109,10 +125,10 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
         if not text.isdigit():
             raise ValueError(f"corrupt checkpoint pointer {ptr}: {text!r} is not an iteration number")
         it = int(text)
-        if iter_dir(root, it).is_dir():
+        if it in complete_dirs(root):
             return it
         logger.warning("checkpoint pointer %s names a missing iter_%07d; scanning %s", ptr, it, root)
-    its = sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir())
+    its = sorted(complete_dirs(root))
     return its[-1] if its else None
 
 
@@ -162,8 +178,7 @@ def candidate_iterations(root: str | os.PathLike) -> list[int]:
     latest = latest_iteration(root)
     if latest is None:
         return []
-    its = sorted((int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir()),
-                 reverse=True)
+    its = sorted(complete_dirs(root), reverse=True)
     return [latest] + [it for it in its if it < latest]
 
 
@@ -195,12 +210,12 @@ def resume_problems(load: str | None, save: str | None, use_distributed_optimize
     if not load_optim:
         return []
     for it in candidates:  # the one a load would use (damaged ones are skipped there too)
-        meta = read_meta(iter_dir(load, it))
+        meta = read_meta(checkpoint_dir(load, it))
         if meta is None or "use_distributed_optimizer" not in meta:
             continue
         if bool(meta["use_distributed_optimizer"]) != use_distributed_optimizer:
             kind = {True: "the distributed optimizer (--use-distributed-optimizer)", False: "the plain optimizer"}
-            return [f"--load {load}: {iter_dir(load, it).name} was saved with {kind[meta['use_distributed_optimizer']]}"
+            return [f"--load {load}: {checkpoint_dir(load, it).name} was saved with {kind[meta['use_distributed_optimizer']]}"
                     f", this run uses {kind[use_distributed_optimizer]}; their states do not convert. Use the "
                     f"checkpoint's optimizer, or add --no-load-optim to keep the weights, iteration and data order "
                     f"with a fresh optimizer"]
@@ -283,9 +298,9 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model: torch.nn.Mod
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    its = sorted(int(m.group(1)) for p in root.glob("iter_*") if (m := _ITER_RE.match(p.name)) and p.is_dir())
-    for it in its[:-keep_last]:
-        shutil.rmtree(iter_dir(root, it), ignore_errors=True)
+    dirs = complete_dirs(root)
+    for it in sorted(dirs)[:-keep_last]:
+        shutil.rmtree(dirs[it])
 
 
 def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, iteration: int | None = None,
@@ -304,12 +319,12 @@ def load_checkpoint(root: str | os.PathLike, model: torch.nn.Module, optimizer, 
         if not candidates:
             raise FileNotFoundError(f"no complete checkpoint (iter_NNNNNNN/) under {root}")
     else:
-        if not iter_dir(root, iteration).is_dir():
+        if iteration not in complete_dirs(root):
             raise FileNotFoundError(f"checkpoint directory {iter_dir(root, iteration)} does not exist")
         candidates = [iteration]
     rejected = []
     for it in candidates:
-        ckpt = iter_dir(root, it)
+        ckpt = checkpoint_dir(root, it)
         problems = verify_checkpoint(ckpt)
         if not problems:
             if rejected and _rank() == 0:
