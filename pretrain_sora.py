@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on-disk sample index directory (default: the cache of this data config, built on first use; "
                         "python -m mm.data.build_index builds one ahead)")
     add_megatron_flags(p)
+    from mm.tools.dry_run import add_dry_run_flags
+
+    add_dry_run_flags(p)
     return p
 
 
@@ -63,10 +66,16 @@ def main(argv=None) -> int:
     if rank == 0:
         warn_inert_flags(args)
     try:  # every problem at once, before anything is built
-        spec, data_cfg, run = validate_training(args, int(os.environ.get("WORLD_SIZE", "1")))
+        from mm.tools.dry_run import world_size_of
+
+        spec, data_cfg, run = validate_training(args, world_size_of(args, int(os.environ.get("WORLD_SIZE", "1"))))
     except ConfigErrors as e:
         _errors(e.problems, rank)
         return 2
+    if args.dry_run:  # the layout on simulated ranks, per-rank parameters and memory; no data, no devices
+        from mm.tools.dry_run import dry_run
+
+        return dry_run(spec, data_cfg, run, args.world_size)
     from mm.ops import BackendUnavailableError, select_backend
 
     try:

@@ -152,12 +152,12 @@ def count_frozen(spec) -> tuple[dict, tuple]:
     if not spec.load_text_features:
         t5 = _hf_config(spec.text.t5)
         if t5 is None:
-            notes.append("T5: directory not readable, released t5-v1_1-xl size assumed")
+            notes.append(f"T5: no config.json in {spec.text.t5}: the released t5-v1_1-xl size is assumed")
         t5_cfg = T5Config(**{k: v for k, v in (t5 or RELEASED_T5).items() if k in T5Config().to_dict()})
         out["t5"] = _meta_count(lambda: T5EncoderModel(t5_cfg)) * text_bytes
         clip = _hf_config(spec.text.clip)
         if clip is None:
-            notes.append("CLIP: directory not readable, released CLIP-ViT-bigG-14 size assumed")
+            notes.append(f"CLIP: no config.json in {spec.text.clip}: the released CLIP-ViT-bigG-14 size is assumed")
             clip = RELEASED_CLIP
         elif "text_config" in clip:  # a full CLIP config: the text tower and the projection
             clip = {**clip["text_config"], "projection_dim": clip.get("projection_dim", 512)}
@@ -193,6 +193,7 @@ class Layout:
     sequence_parallel: bool = True
     distributed_optimizer: bool = True
     recompute: str = "selective"  # none | selective | full
+    recompute_layers: int | None = None  # the first N blocks are recomputed; None = all
     cp_algorithm: str = "ulysses"
 
     def label(self) -> str:
@@ -253,15 +254,17 @@ def activation_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
 
     full_block = half(ACT["attn"]) + half(ACT["ffn"])
     inputs = tokens * D * BLOCK_INPUT_F32 * 4 / sp
-    if layout.recompute == "none":
-        per_block, extra = full_block, 0.0
+    n = facts.num_blocks
+    k = n if layout.recompute_layers is None else min(layout.recompute_layers, n)  # blocks recomputed
+    if layout.recompute == "none" or k == 0:
+        kept, extra = n * full_block, 0.0
     elif layout.recompute == "selective":
-        per_block, extra = half(ACT["attn"]) + inputs / 2, half(ACT["ffn"])
+        kept, extra = k * (half(ACT["attn"]) + inputs / 2) + (n - k) * full_block, half(ACT["ffn"])
     else:
-        per_block, extra = inputs, full_block
+        kept, extra = k * inputs + (n - k) * full_block, full_block
     heads = facts.num_heads / (layout.tp * layout.cp)
-    softmax_stats = facts.num_blocks * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4
-    return int(facts.num_blocks * per_block + extra + softmax_stats)
+    softmax_stats = n * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4
+    return int(kept + extra + softmax_stats)
 
 
 def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
