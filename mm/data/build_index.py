@@ -283,9 +283,10 @@ def build_store(cfg: DataConfig, out_dir: str, *, workers: int = 1, chunk_record
     for name in (BY_SHAPE, SAMPLE_ROWS):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    done = _existing_chunks(chunk_dir, key)
+    chunk_key = f"{key}:{bad_samples_hash(out_dir)}"  # chunks filtered with another bad list are redone
+    done = _existing_chunks(chunk_dir, chunk_key)
     bad = read_bad_samples(out_dir)
-    tasks = _plan(cfg, sources, chunk_dir, key, bad, done, chunk_records, chunk_bytes)
+    tasks = _plan(cfg, sources, chunk_dir, chunk_key, bad, done, chunk_records, chunk_bytes)
     logger.info("building the data index of %s in %s: %d tasks, %d chunks already done, %d workers",
                 cfg.data_path, out_dir, len(tasks), len(done), workers)
     metas, records = _run_tasks(tasks, workers, progress)

@@ -34,7 +34,6 @@ from collections import Counter
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
-from torch.utils.data import Sampler
 
 from mm.data.index import group_order
 
@@ -52,8 +51,9 @@ def groups_from_keys(shape_keys: Sequence[str]) -> dict[str, np.ndarray]:
     return {str(k): g for k, g in zip(uniq, np.split(by_group, bounds))}
 
 
-class GroupedDistributedSampler(Sampler[list[int]]):
-    """Yields this replica's micro-batches (lists of ``batch_size`` dataset indices, one shape each).
+class GroupedDistributedSampler:
+    """Yields this replica's micro-batches (lists of ``batch_size`` dataset indices, one shape each): the
+    ``batch_sampler`` of a DataLoader (an iterable with a length; no torch import needed).
 
     ``groups`` is either the shape key of every sample or a mapping shape key -> ascending sample indices
     (``index.shape_groups()``)."""
