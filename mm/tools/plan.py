@@ -283,6 +283,13 @@ def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
     }
 
 
+def checkpoint_bytes(total_params: int, bf16: bool) -> int:
+    """One training checkpoint: the weights and the EMA model in the parameter dtype, and the optimizer's fp32
+    state (Adam moments, EMA, and the master weights when the parameters are bf16)."""
+    e = 2 if bf16 else 4
+    return total_params * (2 * e + 4 * (4 if bf16 else 3))
+
+
 def peak_bytes(memory: dict) -> int:
     """The optimizer step's working memory and the activations are never alive together."""
     static = sum(v for k, v in memory.items() if k not in ("opt_step", "activations"))

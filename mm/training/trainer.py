@@ -39,6 +39,7 @@ from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
 from mm.training.ema_adamw import ema_model_state_dict, fuse_inner_optimizers, make_ema_optimizer
 from mm.training.frozen import Features, FrozenEncoders
 from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, peak_tflops_for, train_flops
+from mm.training.watchdog import ProgressWatchdog, StopRequests, signal_name
 
 logger = logging.getLogger("mm.train")
 
@@ -139,6 +140,8 @@ class Trainer:
             self.tb = SummaryWriter(tb_dir)
         self.peak_tflops = peak_tflops if peak_tflops is not None else self._known_peak_tflops()
         self.history: list[StepResult] = []
+        self.watchdog: ProgressWatchdog | None = None  # armed inside train()
+        self.stop_reason: str | None = None  # why train() returned before train_iters (signal, exit flags)
         self._summary(time.time() - t0)
 
     # ------------------------------------------------------------------------------------ building
@@ -244,12 +247,15 @@ class Trainer:
             num_microbatches=self.num_microbatches, seq_length=0, micro_batch_size=self.run.training.micro_batch_size,
             forward_only=False,
         )
+        self._beat("the optimizer step (grad-norm all-reduce over the model-parallel group, distributed-optimizer "
+                   "all-gather over DP)")
         action, grad_norm = self._optimizer_step()
         self.iteration += 1
         self.scheduler.step(increment=1)
         loss = (torch.stack([d["loss"] for d in losses]).mean() if losses
                 else torch.tensor(math.nan, device=self.device))
         if dist.is_initialized():
+            self._beat("the loss all-reduce over DP")
             dist.all_reduce(loss, group=self.ps.dp_group)
             loss /= self.ps.dp_size
         samples = self._micro_samples * self.ps.dp_size // (self.group_size if self.run.parallel.encoder_data_parallel else 1)
@@ -281,10 +287,32 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ loop
     def train(self) -> list[StepResult]:
+        """Train to ``train_iters``, or until a stop request (signal, ``--exit-*``): then save and return
+        with ``stop_reason`` set."""
+        tr = self.run.training
+        stops = StopRequests() if tr.exit_signal_handler else None
+        if stops:
+            stops.install()
+        self.watchdog = ProgressWatchdog(60.0 * self.run.parallel.distributed_timeout_minutes, self.ps.rank)
+        self.stop_reason = None
+        try:
+            self._train_loop(stops)
+        finally:
+            self.watchdog.close()
+            self.watchdog = None
+            if stops:
+                stops.restore()
+        if self.tb:
+            self.tb.flush()
+        return self.history
+
+    def _train_loop(self, stops: StopRequests | None) -> None:
         tr, ck = self.run.training, self.run.checkpoint
         features = self._features()
-        interval_t0, interval_steps = time.time(), 0
+        started = interval_t0 = time.time()
+        interval_steps = 0
         while self.iteration < tr.train_iters:
+            self._beat("the training step (data loading, forward/backward, DDP gradient reduce over DP)")
             try:
                 res = self.train_step(features)
             except TooManyBadSteps:
@@ -296,11 +324,40 @@ class Trainer:
             if res.iteration % tr.log_interval == 0 or res.iteration == tr.train_iters:
                 self._log(res, (time.time() - interval_t0) / interval_steps)
                 interval_t0, interval_steps = time.time(), 0
-            if ck.save and (res.iteration % ck.save_interval == 0 or res.iteration == tr.train_iters):
+            saved = bool(ck.save and (res.iteration % ck.save_interval == 0 or res.iteration == tr.train_iters))
+            if saved:
                 self.save()
-        if self.tb:
-            self.tb.flush()
-        return self.history
+            self.stop_reason = self._stop_requested(stops, started)
+            if self.stop_reason:
+                if ck.save and not saved:
+                    self.save()
+                if _is_rank0():
+                    logger.info("stopping at iteration %d: %s; %s", self.iteration, self.stop_reason,
+                                f"checkpoint in {ck.save}: rerun the same command with --load {ck.save} to resume"
+                                if ck.save else "no --save given: nothing was saved")
+                return
+
+    def _beat(self, phase: str) -> None:
+        if self.watchdog is not None:
+            self.watchdog.beat(phase, self.iteration + 1)
+
+    def _stop_requested(self, stops: StopRequests | None, started: float) -> str | None:
+        """Why to stop at this step boundary (the same answer on every rank), or None."""
+        tr = self.run.training
+        if tr.exit_interval and self.iteration % tr.exit_interval == 0 and self.iteration < tr.train_iters:
+            return f"--exit-interval {tr.exit_interval} reached"
+        if stops is None and tr.exit_duration_in_mins is None:
+            return None
+        over = tr.exit_duration_in_mins is not None and time.time() - started > 60.0 * tr.exit_duration_in_mins
+        flags = torch.tensor([float(stops.received or 0) if stops else 0.0, float(over)], device=self.device)
+        if dist.is_initialized():  # one rank's signal or clock stops every rank at the same step
+            self._beat("the stop-request all-reduce over all ranks")
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return f"received {signal_name(int(flags[0]))}"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {tr.exit_duration_in_mins:g} reached"
+        return None
 
     def _log(self, res: StepResult, avg_step: float) -> None:
         gbs = self.run.training.global_batch_size
