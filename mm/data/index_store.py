@@ -133,29 +133,26 @@ def write_json_atomic(path: str, doc: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------
+_CAPTIONS = json.JSONEncoder(ensure_ascii=False)  # one encoder: json.dumps(..., ensure_ascii=False) builds one per call
+
+
 class ChunkWriter:
     """Collects the kept samples and drop counts of one chunk, then writes its three files."""
 
     def __init__(self) -> None:
-        self.columns: dict[str, list] = {f.name: [] for f in SCHEMA}
+        self.rows: list[tuple] = []  # one tuple per kept sample, in SCHEMA order
         self.captions = bytearray()
         self.records = 0
         self.dropped: Counter = Counter()
         self.examples: dict[str, list[str]] = {}
 
     def add(self, entry: SampleEntry, source: int, record: int, rel_path: str) -> None:
-        c = self.columns
-        cap = json.dumps(list(entry.captions), ensure_ascii=False).encode()
-        crop = entry.crop if entry.crop is not None else (-1, -1, -1, -1)
-        for name, value in (
-                ("source", source), ("record", record), ("path", rel_path), ("kind", KINDS.index(entry.kind)),
-                ("num_frames", entry.num_frames), ("height", entry.height), ("width", entry.width),
-                ("frame_start", entry.frame_start), ("frame_span", entry.frame_span),
-                ("frame_step", entry.frame_step), ("num_candidates", entry.num_candidates),
-                ("crop_x0", crop[0]), ("crop_x1", crop[1]), ("crop_y0", crop[2]), ("crop_y1", crop[3]),
-                ("aesthetic", np.nan if entry.aesthetic is None else entry.aesthetic),
-                ("cap_offset", len(self.captions)), ("cap_length", len(cap))):
-            c[name].append(value)
+        cap = _CAPTIONS.encode(list(entry.captions)).encode()
+        x0, x1, y0, y1 = entry.crop if entry.crop is not None else (-1, -1, -1, -1)
+        self.rows.append((
+            source, record, rel_path, KINDS.index(entry.kind), entry.num_frames, entry.height, entry.width,
+            entry.frame_start, entry.frame_span, entry.frame_step, entry.num_candidates, x0, x1, y0, y1,
+            np.nan if entry.aesthetic is None else entry.aesthetic, len(self.captions), len(cap)))
         self.captions += cap
 
     def drop(self, reason: str, label: str, max_examples: int) -> None:
@@ -166,7 +163,8 @@ class ChunkWriter:
 
     def write(self, chunk_dir: str, name: str, meta: dict[str, Any]) -> dict[str, Any]:
         base = os.path.join(chunk_dir, name)
-        table = pa.table({f.name: pa.array(self.columns[f.name], type=f.type) for f in SCHEMA}, schema=SCHEMA)
+        columns = list(zip(*self.rows)) if self.rows else [[] for _ in SCHEMA]
+        table = pa.table({f.name: pa.array(col, type=f.type) for f, col in zip(SCHEMA, columns)}, schema=SCHEMA)
         with pa.OSFile(base + ".arrow", "wb") as sink, pa.ipc.new_file(sink, SCHEMA) as w:
             w.write_table(table, max_chunksize=max(1, table.num_rows))
         with open(base + ".cap", "wb") as f:
