@@ -32,7 +32,7 @@ import mmap
 import os
 from collections import Counter
 from dataclasses import asdict
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -304,9 +304,6 @@ class IndexStore:
             frame_span=int(cols["frame_span"][j]), frame_step=float(cols["frame_step"][j]),
             num_candidates=int(cols["num_candidates"][j]), crop=None if crop[0] < 0 else crop,
             aesthetic=None if np.isnan(aes) else aes)
-
-    def paths(self, indices: Iterable[int]) -> list[str]:
-        return [self.entry(int(i)).path for i in indices]
 
     def summary(self) -> str:
         return format_summary(self.num_records, self.num_samples, self.dropped, self.examples, self.shape_counts())

@@ -15,6 +15,7 @@ import pytest
 from mm.data.build_index import build_store, main as build_main, open_index
 from mm.data.config import DataConfig
 from mm.data.dataset import VideoTextDataset
+from mm.data.frames import num_resampled, resample_indices
 from mm.data.index import build_index
 from mm.data.index_store import IndexInvalid, IndexStore, index_key, record_bad_samples, source_manifest
 from mm.data.sampler import GroupedDistributedSampler
@@ -117,6 +118,14 @@ def test_store_equals_in_memory_index(tmp_path, fmt, cfg, workers):
         assert 0 < mem.dropped["too_short"]
     if cfg is IMAGES:
         assert "video_in_image_dataset" in reasons and len(store) > 0
+
+
+def test_num_resampled_equals_resample_indices_length():
+    steps = [0.5, 1.0, 1.25, 2.0, 2.5, 1 / 3, 0.7, 23.976 / 24, 30 / 24, 59.94 / 24, 7.3]
+    steps += np.random.default_rng(0).uniform(0.05, 10, 30).tolist()
+    for n in range(1, 300):
+        for step in steps:
+            assert num_resampled(n, step) == len(resample_indices(n, step)), (n, step)
 
 
 def reference_order(keys, gbs, seed, epoch):
