@@ -8,9 +8,10 @@ import dataclasses
 import pytest
 
 from harness import run_distributed
-from tiny_workspace import ROOT, make_workspace
+import plan_fixtures
+from tiny_workspace import make_workspace
 
-RELEASED = str(ROOT / "examples/opensoraplan1.5/model_opensoraplan1_5.json")
+RELEASED = plan_fixtures.RELEASED
 # a mid-size SUV: 256 wide (2 heads of 128), 8 blocks, Skiparse k=2 in the middle stage
 MID = {"num_heads": 2, "head_dim": 128, "num_layers": [2, 4, 2], "sparse_n": [1, 2, 1]}
 
@@ -70,10 +71,7 @@ def test_memory_model_within_20_percent_of_measured_peak(ws, name):
 
 @pytest.fixture(scope="module")
 def released():
-    from mm.config_upstream import load_model_json
-    from mm.tools.plan import model_facts
-
-    return model_facts(load_model_json(RELEASED))
+    return plan_fixtures.released_facts()
 
 
 def _video4(facts, layout):
