@@ -5,7 +5,8 @@ One concept per module:
 * ``config``        ``DataConfig`` (typed, validated) and the upstream ``data.json`` adapter
 * ``annotations``   ``data.txt`` lines and annotation records
 * ``frames`` / ``resolution``  temporal (fps resampling, 8n+1) and spatial (fixed / multi-res / 5-ratio) rules
-* ``index``         filtering into ``DataIndex`` with per-reason drop counts and shape keys
+* ``index``         the filter decision per record; the in-memory ``DataIndex`` with per-reason drop counts
+* ``index_store`` / ``build_index``  the on-disk, memory-mapped columnar index (built once, cached) and its CLI
 * ``decode`` / ``transforms`` / ``text``  PyAV/decord/PIL readers, centre-crop-resize + ae_norm, captions + tokens
 * ``dataset``       ``VideoTextDataset`` (bad input replaced by a same-shape sample, reported)
 * ``sampler``       ``GroupedDistributedSampler`` (one shape per global batch, exact resumable state)
