@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast demo bench clean device-check
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: setup
 
 demo: setup
 	MM_BACKEND=cpu $(PY) -m mm.demo
+
+# Backend contract tests (CPU) + device tests and a timing table on a GPU/NPU -> outputs/device_check.json
+device-check: setup
+	$(PY) tests/backends/run_device_check.py --out outputs/device_check.json
 
 bench: setup
 	$(PY) bench/attention.py
