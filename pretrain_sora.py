@@ -4,7 +4,10 @@
         --tensor-model-parallel-size 2 --sequence-parallel --micro-batch-size 1 --global-batch-size 2 \\
         --train-iters 1000 --save CKPT --save-interval 100 [--load CKPT] [--bf16] [--use-distributed-optimizer]
 
-Runs in a plain process too (world 1). ``--help`` lists every flag.
+Runs in a plain process too (world 1). ``--help`` lists every flag. Exit codes: 0 done, or stopped on
+request (SIGTERM/SIGUSR1, ``--exit-interval``, ``--exit-duration-in-mins``) after saving; 2 bad arguments
+(nothing built); 3 too many consecutive bad steps (last good state saved); 4 a rank made no progress for
+``--distributed-timeout-minutes``; 5 the torchrun agent died.
 """
 
 from __future__ import annotations
@@ -85,7 +88,9 @@ def main(argv=None) -> int:
         return 2
     from mm.training.clipping import TooManyBadSteps
     from mm.training.trainer import Trainer
+    from mm.training.watchdog import watch_parent
 
+    watch_parent(rank)  # under torchrun: exit when the agent dies instead of training on as an orphan
     trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
                       data_num_workers=args.data_num_workers, data_index=args.data_index)
     try:
