@@ -9,7 +9,6 @@ import pytest
 
 import plan_fixtures
 
-RELEASED = plan_fixtures.RELEASED
 
 
 def test_every_stage_of_the_report_is_present():
