@@ -90,9 +90,18 @@ def main(argv=None) -> int:
     from mm.training.trainer import Trainer
     from mm.training.watchdog import watch_parent
 
+    from mm.training.checkpointing import CheckpointError
+
     watch_parent(rank)  # under torchrun: exit when the agent dies instead of training on as an orphan
-    trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
-                      data_num_workers=args.data_num_workers, data_index=args.data_index)
+    try:
+        trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
+                          data_num_workers=args.data_num_workers, data_index=args.data_index)
+    except CheckpointError as e:  # no checkpoint under --load verifies (each bad file named)
+        _errors([str(e)], rank)
+        from mm.distributed.init import destroy_parallel
+
+        destroy_parallel()
+        return 2
     try:
         trainer.train()
     except TooManyBadSteps as e:

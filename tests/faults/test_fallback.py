@@ -1,0 +1,91 @@
+"""Damaged checkpoints (issue 13 item 5): a truncated or deleted file of the latest checkpoint is named,
+and the load falls back to the newest checkpoint that verifies (training and the EMA load of inference /
+export); --no-fallback makes it an error; with nothing intact the error lists every bad file."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from common import run_config, trainer
+from harness import run_distributed
+
+
+class _Keep(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def _largest_shard(ckpt: Path) -> Path:
+    return max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+
+
+def _fallbacks(rank, world, ws, root):
+    from mm.config import replace
+    from mm.training import checkpointing as ck
+
+    keep = _Keep()
+    logging.getLogger("mm.training.checkpointing").addHandler(keep)
+    base = run_config(iters=4, save=root, save_interval=2)
+    trainer(ws, base).train()
+    shard = _largest_shard(ck.iter_dir(root, 4))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated shard
+    resume = replace(base, checkpoint=replace(base.checkpoint, load=root, save=None))
+    out = {"resumed_at": trainer(ws, resume).iteration, "warnings": list(keep.lines), "shard": shard.name}
+    t = trainer(ws, resume)
+    out["ema_iteration"] = ck.load_checkpoint(root, t.model, None, use_ema=True, load_rng=False)[0]
+    try:
+        trainer(ws, replace(resume, checkpoint=replace(resume.checkpoint, fallback=False)))
+    except ck.CheckpointError as e:
+        out["no_fallback"] = str(e)
+    (ck.iter_dir(root, 2) / "rng" / "rank_00000.pt").unlink()  # and a deleted file in the older one
+    try:
+        trainer(ws, resume)
+    except ck.CheckpointError as e:
+        out["none_left"] = str(e)
+    return out
+
+
+def test_truncated_and_deleted_files_fall_back_or_are_named(ws, tmp_path):
+    root = str(tmp_path / "c")
+    out = run_distributed(_fallbacks, 1, args=(ws, root), timeout=240)[0]
+    shard = out["shard"]
+    assert out["resumed_at"] == 2 and out["ema_iteration"] == 2
+    assert any(f"iter_0000004/{shard}" in w and "truncated" in w for w in out["warnings"]), out["warnings"]
+    assert any("falling back to" in w and "iter_0000002" in w for w in out["warnings"]), out["warnings"]
+    assert f"iter_0000004/{shard}" in out["no_fallback"] and "older ones not tried" in out["no_fallback"]
+    assert f"iter_0000004/{shard}" in out["none_left"] and "iter_0000002/rng/rank_00000.pt: missing" in out["none_left"]
+
+
+def _resave_crash(rank, world, ws, root):
+    from mm.training import checkpointing as ck
+    from mm.training.checkpoint_manifest import verify_manifest
+
+    t = trainer(ws, run_config(iters=2, save=root, save_interval=2))
+    t.train()
+    real = ck.os.replace
+
+    def failing_rename(src, dst):  # the new copy cannot be moved into place (disk full, quota, ...)
+        if str(src).endswith(".tmp") and Path(dst).name.startswith("iter_"):
+            raise OSError("rename failed (simulated)")
+        return real(src, dst)
+
+    ck.os.replace = failing_rename
+    try:
+        with pytest.raises(OSError, match="simulated"):
+            t.save()  # a re-save of iteration 2
+    finally:
+        ck.os.replace = real
+    return verify_manifest(ck.checkpoint_dir(root, 2)), ck.latest_iteration(root)
+
+
+def test_a_failed_resave_keeps_the_good_copy(ws, tmp_path):
+    """Before: the old iter_N was deleted first, so a failed re-save lost iteration N."""
+    problems, latest = run_distributed(_resave_crash, 1, args=(ws, str(tmp_path / "c")), timeout=240)[0]
+    assert problems == [] and latest == 2
