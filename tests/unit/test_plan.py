@@ -49,7 +49,6 @@ def _measure(rank, world, ws, predictor, tp, mbs, recompute, thw, text_len):
 CASES = {  # name: (predictor changes, world, TP, micro-batch, recompute, latent t/h/w, text tokens)
     "tiny": (None, 1, 1, 1, "none", (2, 4, 4), 16),
     "mid": (MID, 1, 1, 2, "none", (3, 16, 16), 16),
-    "mid-full-recompute": (MID, 1, 1, 2, "full", (3, 16, 16), 16),
     "mid-tp2-sp-selective": (MID, 2, 2, 2, "selective", (3, 16, 16), 16),
 }
 
