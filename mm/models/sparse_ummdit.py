@@ -429,10 +429,44 @@ def gather_upstream_state_dict(model: SparseUMMDiT, *, grads: bool = False) -> d
     return out
 
 
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+DIFFUSERS_SINGLE = "diffusion_pytorch_model.safetensors"
+
+
+def diffusers_weight_files(folder: str | os.PathLike) -> dict[str, list[str]]:
+    """Safetensors files of a diffusers-style model folder and the keys each holds according to its index
+    (``{file: keys}``; a single unsharded file maps to ``None``). ValueError naming what is missing."""
+    import json
+
+    index = os.path.join(folder, DIFFUSERS_INDEX)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files: dict[str, list[str]] = {}
+        for key, name in weight_map.items():
+            files.setdefault(name, []).append(key)
+    elif os.path.isfile(os.path.join(folder, DIFFUSERS_SINGLE)):
+        files = {DIFFUSERS_SINGLE: None}
+    else:
+        raise ValueError(f"{folder}: neither {DIFFUSERS_INDEX} nor {DIFFUSERS_SINGLE} (not a diffusers model folder)")
+    missing = [name for name in files if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise ValueError(f"{folder}: shard files {missing} listed in {DIFFUSERS_INDEX} are missing")
+    return files
+
+
 def load_upstream_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Read a flat predictor state dict (``torch.save`` file or ``.safetensors``) onto the CPU. A dict
-    wrapped under ``model`` / ``ema_model`` / ``state_dict`` / ``module`` is unwrapped."""
+    """Read a flat predictor state dict (``torch.save`` file, ``.safetensors`` or a diffusers-style folder of
+    sharded safetensors) onto the CPU. A dict wrapped under ``model`` / ``ema_model`` / ``state_dict`` /
+    ``module`` is unwrapped."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        from safetensors.torch import load_file
+
+        state: dict[str, Any] = {}
+        for name in diffusers_weight_files(path):
+            state.update(load_file(os.path.join(path, name), device="cpu"))
+        return state
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 

@@ -127,7 +127,7 @@ class SUVConfig:
         for key, value in pred.items():
             if key in _UPSTREAM_KEYS:
                 kwargs[key] = value
-            elif key in _IGNORED_UPSTREAM_KEYS:
+            elif key in _IGNORED_UPSTREAM_KEYS or key.startswith("_"):  # "_class_name" etc. of a diffusers config
                 continue
             elif key in _FIXED_UPSTREAM_KEYS:
                 check(value == _FIXED_UPSTREAM_KEYS[key], f"predictor.{key}", value, repr(_FIXED_UPSTREAM_KEYS[key]))

@@ -1,0 +1,5 @@
+"""``python -m checkpoint_tools --help``."""
+
+from checkpoint_tools.cli import main
+
+raise SystemExit(main())
