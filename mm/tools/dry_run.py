@@ -123,7 +123,8 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
     lines.append(f"per-rank memory estimate (mm.tools.plan) for {data_cfg.num_frames}x{data_cfg.max_height}x"
                  f"{data_cfg.max_width} clips, {work.video_tokens(facts)} video + {work.text_len} text tokens:")
     lines.append("  " + ", ".join(f"{k} {v / plan.GB:.2f} GB" for k, v in mem.items()) + f"; peak {peak / plan.GB:.2f} GB")
-    fits = [f"{d.name} {'fits' if peak <= d.memory_gb * plan.GB else 'does NOT fit'}" for d in plan.DEVICES.values()]
+    fits = [f"{d.name} {'fits' if peak <= d.memory_gb * (1 - plan.HEADROOM) * plan.GB else 'does NOT fit'}"
+            for d in plan.DEVICES.values()]
     lines.append("  " + "; ".join(fits))
     for note in facts.frozen_notes:
         lines.append(f"  note: {note}")

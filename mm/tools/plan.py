@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 GB = 1e9
+HEADROOM = 0.1  # share of device memory a layout may not plan for (fragmentation, communication buffers)
 
 
 @dataclass(frozen=True)
@@ -325,13 +326,14 @@ def layout_problems(facts: ModelFacts, layout: Layout, work: Workload, num_devic
 
 
 def estimate(facts: ModelFacts, layout: Layout, work: Workload, device: Device, num_devices: int,
-             compute_efficiency: float = 0.5) -> Estimate:
+             compute_efficiency: float = 0.5, headroom: float = HEADROOM) -> Estimate:
     from mm.training.metrics import PEAK_TFLOPS, train_flops
 
     problems = layout_problems(facts, layout, work, num_devices)
     memory = memory_per_rank(facts, layout, work)
-    if supported(layout) and peak_bytes(memory) > device.memory_gb * GB:
-        problems.append(f"needs {peak_bytes(memory) / GB:.1f} GB > {device.memory_gb:g} GB")
+    usable = device.memory_gb * (1 - headroom)  # allocator fragmentation, communication buffers, kernels' workspace
+    if supported(layout) and peak_bytes(memory) > usable * GB:
+        problems.append(f"needs {peak_bytes(memory) / GB:.1f} GB > {usable:.1f} GB usable of {device.memory_gb:g} GB")
     micro = max(1, work.global_batch // max(1, work.micro_batch * layout.dp))
     flops = train_flops(facts.flops_shape, work.latent_thw, work.text_len, work.global_batch)
     recompute_factor = {"none": 1.0, "selective": 1.0 + 0.5 / 3, "full": 4.0 / 3}[layout.recompute]
@@ -379,9 +381,10 @@ def unsupported_layouts(num_devices: int) -> list[Layout]:
     return out
 
 
-def plan(facts: ModelFacts, work: Workload, device: Device, num_devices: int, compute_efficiency: float = 0.5):
+def plan(facts: ModelFacts, work: Workload, device: Device, num_devices: int, compute_efficiency: float = 0.5,
+         headroom: float = HEADROOM):
     """(feasible ranked by step time, infeasible) estimates over all enumerated layouts."""
-    ests = [estimate(facts, lay, work, device, num_devices, compute_efficiency)
+    ests = [estimate(facts, lay, work, device, num_devices, compute_efficiency, headroom)
             for lay in enumerate_layouts(facts, num_devices, device.per_node) + unsupported_layouts(num_devices)]
     feasible = sorted((e for e in ests if e.feasible), key=lambda e: (e.step_seconds, e.total_bytes))
     return feasible, [e for e in ests if not e.feasible]
@@ -435,6 +438,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp32", action="store_true", help="fp32 parameters (default: bf16 with fp32 master weights)")
     p.add_argument("--compute-efficiency", type=float, default=0.5,
                    help="fraction of the peak the GEMMs and attention reach (default 0.5)")
+    p.add_argument("--headroom", type=float, default=HEADROOM,
+                   help="fraction of device memory kept free for fragmentation and communication buffers (default 0.1)")
     p.add_argument("--top", type=int, default=20, help="feasible layouts shown (all infeasible ones are counted)")
     p.add_argument("--show-infeasible", action="store_true", help="also list every infeasible layout with its reason")
     p.add_argument("--json", action="store_true", help="one JSON object instead of the table")
@@ -448,6 +453,8 @@ def main(argv=None) -> int:
             raise ValueError(f"--num-devices must be >= 1, got {args.num_devices}")
         if args.micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size must be >= 1, got {args.micro_batch_size}")
+        if not 0 <= args.headroom < 1:
+            raise ValueError(f"--headroom must be in [0, 1), got {args.headroom}")
         if not 0 < args.compute_efficiency <= 1:
             raise ValueError(f"--compute-efficiency must be in (0, 1], got {args.compute_efficiency}")
         frames, height, width = parse_shape(args.seq_shape)
@@ -466,7 +473,7 @@ def main(argv=None) -> int:
     work = Workload.from_pixels(facts, frames, height, width, text_len=args.text_len, micro_batch=args.micro_batch_size,
                                 global_batch=args.global_batch_size or args.num_devices * args.micro_batch_size,
                                 bf16=not args.fp32)
-    feasible, infeasible = plan(facts, work, device, args.num_devices, args.compute_efficiency)
+    feasible, infeasible = plan(facts, work, device, args.num_devices, args.compute_efficiency, args.headroom)
     if args.json:
         print(json.dumps({"feasible": [dict(layout=dataclasses.asdict(e.layout), peak_gb=peak_bytes(e.memory) / GB,
                                             step_s=e.step_seconds, mfu=e.mfu) for e in feasible],
@@ -476,7 +483,8 @@ def main(argv=None) -> int:
     print(f"SUV {facts.total_params:,} params; {args.num_devices} x {device.name} ({device.memory_gb:g} GB); clips "
           f"{frames}x{height}x{width} -> latents {'x'.join(map(str, work.latent_thw))}, "
           f"{work.video_tokens(facts)} video + {work.text_len} text tokens; global batch {work.global_batch}, "
-          f"micro-batch {work.micro_batch}; {'bf16' if work.bf16 else 'fp32'}; GB = 1e9 bytes per rank")
+          f"micro-batch {work.micro_batch}; {'bf16' if work.bf16 else 'fp32'}; GB = 1e9 bytes per rank; feasible = "
+          f"peak <= {device.memory_gb * (1 - args.headroom):.1f} GB; step time at {args.compute_efficiency:g} of peak")
     for note in facts.frozen_notes:
         print(f"note: {note}")
     shown = feasible[: args.top]

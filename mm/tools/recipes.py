@@ -71,7 +71,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           notes=("The report's batch reads 8096, which no data-parallel size of 512 devices divides; 8192 = 512 x 16.",
                  "Dense: the report trained a dense MMDiT here; we train the same U-shaped network with sparse1d "
                  "off. " + SUV_INIT, MULTI_RES, OUR_LAYOUT)),
-    Stage("Image-2", 384, 1, 384, 384, 24, 1e-4, 6144, 150_000, tp=2, micro_batch=16, grad_accum=2, sparse=False,
+    Stage("Image-2", 384, 1, 384, 384, 24, 1e-4, 6144, 150_000, tp=2, micro_batch=8, grad_accum=4, sparse=False,
           init="Image-1", multi_res=True, notes=(MULTI_RES, OUR_LAYOUT)),
     Stage("Image-3", 256, 1, 288, 512, 24, 1e-4, 4096, 110_000, tp=2, micro_batch=8, grad_accum=4, sparse=False,
           init="Image-2", notes=(OUR_LAYOUT,)),

@@ -54,6 +54,12 @@ class StepResult:
     step_time: float
 
 
+def _count_text(counts: dict[str, int]) -> str:
+    """``3 (corrupt_video 2, missing_file 1)``, or ``0``."""
+    total = sum(counts.values())
+    return f"{total} (" + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) + ")" if total else "0"
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -141,6 +147,7 @@ class Trainer:
         self.peak_tflops = peak_tflops if peak_tflops is not None else self._known_peak_tflops()
         self.history: list[StepResult] = []
         self.watchdog: ProgressWatchdog | None = None  # armed inside train()
+        self._bad_before: dict[str, int] = {}  # bad samples counted before a resume
         self.stop_reason: str | None = None  # why train() returned before train_iters (signal, exit flags)
         self._summary(time.time() - t0)
 
@@ -295,8 +302,10 @@ class Trainer:
             stops.install()
         self.watchdog = ProgressWatchdog(60.0 * self.run.parallel.distributed_timeout_minutes, self.ps.rank)
         self.stop_reason = None
+        first = self.iteration
         try:
             self._train_loop(stops)
+            self._end_summary(first)
         finally:
             self.watchdog.close()
             self.watchdog = None
@@ -369,25 +378,72 @@ class Trainer:
         m = mfu(flops, avg_step, self.ps.world_size, self.peak_tflops)
         c = self.clipper
         thr = getattr(getattr(self, "_last_clip", None), "threshold", math.nan)
+        bad = self._bad_samples()
         if _is_rank0():
             logger.info(
                 "iter %6d/%d | loss %.5f | lr %.3e | grad norm %.4f | clip thr %.4f | %s | skipped %d | "
-                "step %.2fs | %.2f samples/s | %.3g TFLOP/s/device | MFU %s",
+                "step %.2fs | %.2f samples/s | %.3g TFLOP/s/device | MFU %s | bad samples %s",
                 res.iteration, self.run.training.train_iters, res.loss, res.lr, res.grad_norm, thr, res.action,
                 c.num_skipped, avg_step, gbs / avg_step, tflops, f"{100 * m:.1f}%" if m is not None else "n/a",
+                _count_text(bad),
             )
             if self.run.checkpoint.save:  # machine-readable history next to the checkpoints
                 os.makedirs(self.run.checkpoint.save, exist_ok=True)
                 with open(os.path.join(self.run.checkpoint.save, "train_log.jsonl"), "a") as f:
                     f.write(json.dumps({"iteration": res.iteration, "loss": res.loss, "lr": res.lr,
                                         "grad_norm": res.grad_norm, "action": res.action, "step_time": avg_step,
-                                        "samples_per_s": gbs / avg_step, "skipped": c.num_skipped}) + "\n")
+                                        "samples_per_s": gbs / avg_step, "skipped": c.num_skipped,
+                                        "bad_samples": bad}) + "\n")
             if self.tb:
                 for k, v in (("loss", res.loss), ("lr", res.lr), ("grad_norm", res.grad_norm), ("clip_threshold", thr),
                              ("skipped_steps", c.num_skipped), ("step_time", avg_step),
                              ("samples_per_s", gbs / avg_step), ("tflops_per_device", tflops)):
                     if v is not None and math.isfinite(v):
                         self.tb.add_scalar(f"train/{k}", v, res.iteration)
+                self.tb.add_scalar("data/bad_samples", sum(bad.values()), res.iteration)
+                for reason, n in bad.items():
+                    self.tb.add_scalar(f"data/bad_samples/{reason}", n, res.iteration)
+
+    def _bad_samples(self) -> dict[str, int]:
+        """Bad samples replaced so far, per reason: each counted once per data shard, over all shards, including
+        those met before a resume (a collective over the ranks that read different samples)."""
+        from mm.data.errors import REASONS
+
+        mine = getattr(self.loader, "skips_this_run", {})
+        assert set(mine) <= set(REASONS), f"unknown bad-sample reasons {set(mine) - set(REASONS)}"
+        counts = torch.tensor([float(mine.get(r, 0)) for r in REASONS], device=self.device)
+        if dist.is_initialized():  # encoder-DP: every rank reads its own samples; else one reader per DP rank
+            self._beat("the bad-sample count all-reduce")
+            dist.all_reduce(counts, group=None if self.run.parallel.encoder_data_parallel else self.ps.dp_group)
+        total = dict(self._bad_before)
+        for reason, n in zip(REASONS, counts.tolist()):
+            if n:
+                total[reason] = total.get(reason, 0) + int(n)
+        return total
+
+    def _end_summary(self, first_iteration: int) -> None:
+        """One end-of-run summary on rank 0: iterations, skipped steps, bad data by reason with examples."""
+        bad = self._bad_samples()
+        examples = [None] * self.ps.world_size if dist.is_initialized() else None
+        mine = dict(getattr(self.loader, "skip_examples", {}))
+        if dist.is_initialized():
+            dist.all_gather_object(examples, mine)
+        else:
+            examples = [mine]
+        if not _is_rank0():
+            return
+        seen: dict[str, str] = {}
+        for ex in examples:
+            for reason, path in ex.items():
+                seen.setdefault(reason, path)
+        lines = [f"iterations {first_iteration} -> {self.iteration} of {self.run.training.train_iters}"
+                 + (f" (stopped: {self.stop_reason})" if self.stop_reason else ""),
+                 f"optimizer steps skipped (non-finite or extreme grad norm): {self.clipper.num_skipped}",
+                 f"bad samples replaced: {_count_text(bad)}"]
+        lines += [f"  {reason}: e.g. {path}" for reason, path in sorted(seen.items())]
+        logger.info("run summary\n  " + "\n  ".join(lines))
+        if self.tb:
+            self.tb.add_text("run_summary", "\n".join(lines), self.iteration)
 
     def _summary(self, build_seconds: float) -> None:
         # TP-split parameters exist tp_size times over the group; replicated ones once
@@ -437,6 +493,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "clipper": self.clipper.state_dict(),
             "sampler": sampler,
+            "bad_samples": self._bad_samples(),
             "config": json.loads(json.dumps(dataclasses.asdict(self.run), default=str)),
         }
 
@@ -465,6 +522,7 @@ class Trainer:
         self._resume_schedule(common["scheduler"])
         self.clipper.load_state_dict(common["clipper"])
         self.loader.load_state_dict(common["sampler"])
+        self._bad_before = dict(common.get("bad_samples", {}))
         logger.info("resumed from %s at iteration %d%s%s", root, it, "" if with_optim else " (fresh optimizer: "
                     "--no-load-optim)", "" if ck.load_rng else " (RNG not restored: --no-load-rng)")
 

@@ -90,7 +90,7 @@ def test_report_video4_layout_is_feasible(released):
     e = _video4(released, Layout(tp=4, cp=1, dp=128, recompute="selective"))  # 512 910B, TP/SP 4, GA 4, MBS 1
     assert e.feasible, e.problems
     assert e.micro_batches == 4
-    assert peak_bytes(e.memory) < 64 * GB
+    assert peak_bytes(e.memory) < 0.9 * 64 * GB
 
 
 def test_layout_upstream_could_not_run_is_infeasible(released):
@@ -99,7 +99,7 @@ def test_layout_upstream_could_not_run_is_infeasible(released):
     # plain data parallelism holds bf16 weights + fp32 grads of all 8.5B parameters (51 GB) on every NPU:
     # 121x576x1024 does not fit in 64 GB even with full recompute
     e = _video4(released, Layout(tp=1, cp=1, dp=512, sequence_parallel=False, recompute="full"))
-    assert not e.feasible and "GB > 64 GB" in e.problems[0]
+    assert not e.feasible and "GB usable of 64 GB" in e.problems[0]
 
 
 def test_pipeline_and_ring_layouts_are_listed_as_not_supported(released):
