@@ -191,10 +191,15 @@ def read_chunk_columns(chunk_dir: str, name: str) -> dict[str, Any]:
         table = pa.ipc.open_file(pa.memory_map(os.path.join(chunk_dir, name + ".arrow"))).read_all()
     except (OSError, pa.ArrowInvalid) as e:
         raise IndexInvalid(f"chunk {name} in {chunk_dir} cannot be read: {e}") from e
-    cols: dict[str, Any] = {"path": table.column("path").combine_chunks()}
+    if table.num_rows == 0:  # an empty table may be written without a record batch
+        table = pa.Table.from_batches([pa.RecordBatch.from_pylist([], schema=SCHEMA)])
+    if any(table.column(f.name).num_chunks != 1 for f in SCHEMA):
+        raise IndexInvalid(f"chunk {name} in {chunk_dir} must hold one record batch")
+    # chunk(0), not combine_chunks(): a view of the mapped file, no copy
+    cols: dict[str, Any] = {"path": table.column("path").chunk(0)}
     for f in SCHEMA:
         if f.name != "path":
-            cols[f.name] = table.column(f.name).to_numpy()
+            cols[f.name] = table.column(f.name).chunk(0).to_numpy(zero_copy_only=True)
     return cols
 
 
