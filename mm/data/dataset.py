@@ -15,7 +15,6 @@ generator seeded with ``(seed, epoch, index, attempt)``: results do not depend o
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -30,8 +29,6 @@ from mm.data.index import DataIndex, SampleEntry
 from mm.data.index_store import IndexStore
 from mm.data.text import TextProcessor
 from mm.data.transforms import apply_crop, apply_pipeline
-
-logger = logging.getLogger(__name__)
 
 _REPLACE_STREAM = 0x5EED  # separates the replacement draws from the per-sample draws
 
@@ -109,8 +106,8 @@ class VideoTextDataset(Dataset):
             except SampleError as e:
                 skipped.append({"index": current, "path": e.path, "reason": e.reason, "detail": e.detail})
                 if e.detail != "known bad":
-                    logger.warning("bad sample %d skipped (%s): %s", current, e.reason, e)
-                    # remembered in this worker; the replacement chain does not depend on it
+                    # remembered in this worker; the replacement chain does not depend on it. Logged once,
+                    # by the loader in the main process, and counted there (not here: once per sample)
                     self.known_bad[current] = e.reason
                 nxt = self.replacement(i, attempt, tried)
                 if nxt is None:

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-index", default=None, help="index directory (default: the cache of this config)")
     p.add_argument("--workers", type=int, default=None, help="processes if the index must be built")
     p.add_argument("--in-memory", action="store_true", help="filter in this process, without the on-disk index")
+    p.add_argument("--verify", action="store_true",
+                   help="also open every file (exists, decodes, frame count, size, image vs video) and report "
+                        "problems by reason with example paths; exit 1 when any file is bad (mm.data.verify)")
     add_filter_overrides(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -46,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
           f"h/w in [{cfg.min_h_div_w_ratio:g}, {cfg.max_h_div_w_ratio:g}]")
     print(index.summary())
     sys.stdout.flush()
+    if a.verify:
+        from mm.data.verify import verify_dataset
+
+        report = verify_dataset(cfg.data_path, cfg.video_reader_type, workers=a.workers or 4,
+                                progress=sys.stderr.isatty())
+        print(report.summary())
+        return 1 if report.num_bad else 0
     return 0
 
 

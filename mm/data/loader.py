@@ -44,6 +44,9 @@ class ResumableDataLoader:
         self.pin_memory = pin_memory
         self.timeout = timeout
         self.multiprocessing_context = multiprocessing_context if num_workers > 0 else None
+        # bad samples first met by this process (each counted once), with an example path per reason
+        self.skips_this_run: Counter = Counter()
+        self.skip_examples: dict[str, str] = {}
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -60,9 +63,11 @@ class ResumableDataLoader:
         skipped_this_epoch: Counter = Counter()
         for batch in loader:
             skipped = batch.pop("skipped", [])
-            new = [s for s in skipped if s["index"] not in self.sampler.bad_samples]
-            for s in new:
+            new = {s["index"]: s for s in skipped if s["index"] not in self.sampler.bad_samples}.values()
+            for s in new:  # the one log line per bad sample (the dataset workers do not log)
                 logger.warning("sample %d replaced (%s): %s %s", s["index"], s["reason"], s["path"], s["detail"])
+                self.skips_this_run[s["reason"]] += 1
+                self.skip_examples.setdefault(s["reason"], s["path"])
             self.sampler.record_skips(skipped)
             skipped_this_epoch.update(s["reason"] for s in skipped)
             self.sampler.advance(1)
