@@ -13,11 +13,8 @@ no accelerator is touched: the process runs the cpu backend with a one-process g
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import dataclass
-
-logger = logging.getLogger("mm.dry_run")
 
 
 def add_dry_run_flags(parser: argparse.ArgumentParser) -> None:
@@ -83,7 +80,6 @@ def per_tp_rank_params(spec, tp: int, cp: int, sequence_parallel: bool, params_d
 def dry_run(spec, data_cfg, run, world_size: int) -> int:
     import torch
 
-    from mm.data.config import frames_to_latent
     from mm.distributed.init import init_process_group
     from mm.ops import select_backend
     from mm.tools import plan
@@ -98,16 +94,9 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
     counts = per_tp_rank_params(spec, tp, cp, sp, dtype)
     facts = plan.model_facts(spec)
     assert sum(counts) - (tp - 1) * facts.replicated_params == facts.total_params, (counts, facts)
-    rc = tr.recompute_granularity or "none"
-    layers = tr.selective_recompute_ffn_layers if rc == "selective" else tr.recompute_num_layers
-    layout = plan.Layout(tp=tp, cp=cp, dp=dp, sequence_parallel=sp,
-                         distributed_optimizer=run.optimizer.use_distributed_optimizer, recompute=rc,
-                         recompute_layers=layers if rc != "none" else None)
+    layout, work = plan.Layout.of_run(run, world_size), plan.Workload.of_run(data_cfg, run)
+    rc, layers = layout.recompute, layout.recompute_layers
     any_device = plan.DEVICES["h100"]  # the memory estimate does not depend on the device
-    work = plan.Workload(latent_thw=(frames_to_latent(data_cfg.num_frames, data_cfg.ae_stride_t),
-                                     data_cfg.max_height // data_cfg.ae_stride, data_cfg.max_width // data_cfg.ae_stride),
-                         text_len=data_cfg.model_max_length, micro_batch=tr.micro_batch_size,
-                         global_batch=tr.global_batch_size, bf16=tr.bf16)
     est = plan.estimate(facts, layout, work, any_device, world_size)
     mem, peak = est.memory, plan.peak_bytes(est.memory)
     lines = [

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -197,6 +196,17 @@ class Layout:
     recompute_layers: int | None = None  # the first N blocks are recomputed; None = all
     cp_algorithm: str = "ulysses"
 
+    @classmethod
+    def of_run(cls, run, world_size: int) -> "Layout":
+        """The layout a run config asks for on ``world_size`` devices."""
+        par, tr = run.parallel, run.training
+        tp, cp, pp = par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size
+        rc = tr.recompute_granularity or "none"
+        layers = tr.selective_recompute_ffn_layers if rc == "selective" else tr.recompute_num_layers
+        return cls(tp=tp, cp=cp, dp=world_size // (tp * cp * pp), pp=pp, sequence_parallel=par.sequence_parallel and tp > 1,
+                   distributed_optimizer=run.optimizer.use_distributed_optimizer, recompute=rc,
+                   recompute_layers=layers if rc != "none" else None)
+
     def label(self) -> str:
         sp = "+SP" if self.sequence_parallel and self.tp > 1 else ""
         cp = f"CP{self.cp}" + (f"({self.cp_algorithm})" if self.cp > 1 else "")
@@ -217,6 +227,17 @@ class Workload:
 
         st, sh, sw = facts.vae_stride
         return cls(latent_thw=(frames_to_latent(frames, st), height // sh, width // sw), **kw)
+
+    @classmethod
+    def of_run(cls, data_cfg, run) -> "Workload":
+        """The clips of a data config at their largest bucket shape, the batch and precision of a run config."""
+        from mm.data.config import frames_to_latent
+
+        tr = run.training
+        return cls(latent_thw=(frames_to_latent(data_cfg.num_frames, data_cfg.ae_stride_t),
+                               data_cfg.max_height // data_cfg.ae_stride, data_cfg.max_width // data_cfg.ae_stride),
+                   text_len=data_cfg.model_max_length, micro_batch=tr.micro_batch_size,
+                   global_batch=tr.global_batch_size, bf16=tr.bf16)
 
     def video_tokens(self, facts: ModelFacts) -> int:
         t, h, w = self.latent_thw

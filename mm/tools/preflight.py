@@ -110,17 +110,9 @@ def check_config(args, world: int):
 
 
 def check_sequence(facts, data_cfg, run, world: int) -> list[Row]:
-    from mm.data.config import frames_to_latent
     from mm.tools import plan
 
-    par, tr = run.parallel, run.training
-    tp, cp = par.tensor_model_parallel_size, par.context_parallel_size
-    layout = plan.Layout(tp=tp, cp=cp, dp=world // (tp * cp * par.pipeline_model_parallel_size),
-                         pp=par.pipeline_model_parallel_size, sequence_parallel=par.sequence_parallel)
-    work = plan.Workload(latent_thw=(frames_to_latent(data_cfg.num_frames, data_cfg.ae_stride_t),
-                                     data_cfg.max_height // data_cfg.ae_stride, data_cfg.max_width // data_cfg.ae_stride),
-                         text_len=data_cfg.model_max_length, micro_batch=tr.micro_batch_size,
-                         global_batch=tr.global_batch_size, bf16=tr.bf16)
+    layout, work = plan.Layout.of_run(run, world), plan.Workload.of_run(data_cfg, run)
     problems = plan.layout_problems(facts, layout, work, world)
     if problems:
         return [Row("layout vs sequence", FAIL, p) for p in problems]

@@ -39,6 +39,7 @@ from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
 from mm.training.ema_adamw import ema_model_state_dict, fuse_inner_optimizers, make_ema_optimizer
 from mm.training.frozen import Features, FrozenEncoders
 from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, peak_tflops_for, train_flops
+from mm.training.spikes import SpikeDetector
 from mm.training.watchdog import ProgressWatchdog, StopRequests, signal_name
 
 logger = logging.getLogger("mm.train")
@@ -121,6 +122,10 @@ class Trainer:
         self.clipper = AdaptiveGradClipper(decay=run.optimizer.clip_grad_ema_decay,
                                            max_consecutive_bad=run.optimizer.max_consecutive_bad_steps)
         self.adaptive_clip = run.optimizer.clip_grad > 0
+        # --rollback-on-spike: reload the last checkpoint and skip the batch when the loss spikes
+        self.spikes = SpikeDetector(tr.rollback_on_spike) if tr.rollback_on_spike else None
+        self.rollbacks = 0
+        self._skip_batches: dict[int, int] = {}  # iteration -> global batches to drop before it (rolled back)
 
         # data: sharded over DP ranks, or over the whole world with encoder-DP
         from mm.data.loader import build_dataloader
@@ -317,17 +322,24 @@ class Trainer:
 
     def _train_loop(self, stops: StopRequests | None) -> None:
         tr, ck = self.run.training, self.run.checkpoint
-        features = self._features()
+        self._feature_iter = self._features()
+        if self.spikes is not None and not ckpt.candidate_iterations(ck.save):
+            self.save()  # a state to roll back to before the first cadence save
         started = interval_t0 = time.time()
         interval_steps = 0
         while self.iteration < tr.train_iters:
             self._beat("the training step (data loading, forward/backward, DDP gradient reduce over DP)")
+            for _ in range(self._skip_batches.get(self.iteration + 1, 0) * self.num_microbatches):
+                next(self._feature_iter)  # the batch that spiked here before a rollback
             try:
-                res = self.train_step(features)
+                res = self.train_step(self._feature_iter)
             except TooManyBadSteps:
                 if ck.save:  # the skipped updates left the last good state: keep it for a resume
                     self.save()
                 raise
+            if self._spiked(res):
+                self._rollback(res)
+                continue
             self.history.append(res)
             interval_steps += 1
             if res.iteration % tr.log_interval == 0 or res.iteration == tr.train_iters:
@@ -345,6 +357,35 @@ class Trainer:
                                 f"checkpoint in {ck.save}: rerun the same command with --load {ck.save} to resume"
                                 if ck.save else "no --save given: nothing was saved")
                 return
+
+    def _spiked(self, res: StepResult) -> bool:
+        if self.spikes is None:
+            return False
+        flag = torch.tensor([float(self.spikes.is_spike(res.loss))], device=self.device)
+        if dist.is_initialized():  # every rank takes the same decision
+            self._beat("the loss-spike all-reduce over all ranks")
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() > 0:
+            return True
+        self.spikes.accept(res.loss)
+        return False
+
+    def _rollback(self, res: StepResult) -> None:
+        """Reload the last checkpoint and mark the batch of ``res.iteration`` to be dropped on the way back."""
+        k, ck = res.iteration, self.run.checkpoint
+        self._skip_batches[k] = self._skip_batches.get(k, 0) + 1
+        self.rollbacks += 1
+        if self._skip_batches[k] > self.run.optimizer.max_consecutive_bad_steps:
+            raise TooManyBadSteps(f"iteration {k}: the loss spiked again after {self._skip_batches[k] - 1} rollbacks "
+                                  f"(each dropping one more batch); the run diverges: lower the LR or inspect the "
+                                  f"data around iteration {k}")
+        if _is_rank0():
+            logger.warning("iteration %d: loss %.5f > %g x running mean %.5f: rolling back to the last checkpoint "
+                           "in %s and skipping this batch (rollback %d)", k, res.loss, self.spikes.factor,
+                           self.spikes.mean, ck.save, self.rollbacks)
+        self._beat("the rollback checkpoint load")
+        self._load(ck.save, rollback=True)
+        self._feature_iter = self._features()  # from the restored sampler position
 
     def _beat(self, phase: str) -> None:
         if self.watchdog is not None:
@@ -393,7 +434,7 @@ class Trainer:
                     f.write(json.dumps({"iteration": res.iteration, "loss": res.loss, "lr": res.lr,
                                         "grad_norm": res.grad_norm, "action": res.action, "step_time": avg_step,
                                         "samples_per_s": gbs / avg_step, "skipped": c.num_skipped,
-                                        "bad_samples": bad}) + "\n")
+                                        "bad_samples": bad, "rollbacks": self.rollbacks}) + "\n")
             if self.tb:
                 for k, v in (("loss", res.loss), ("lr", res.lr), ("grad_norm", res.grad_norm), ("clip_threshold", thr),
                              ("skipped_steps", c.num_skipped), ("step_time", avg_step),
@@ -401,6 +442,7 @@ class Trainer:
                     if v is not None and math.isfinite(v):
                         self.tb.add_scalar(f"train/{k}", v, res.iteration)
                 self.tb.add_scalar("data/bad_samples", sum(bad.values()), res.iteration)
+                self.tb.add_scalar("train/rollbacks", self.rollbacks, res.iteration)
                 for reason, n in bad.items():
                     self.tb.add_scalar(f"data/bad_samples/{reason}", n, res.iteration)
 
@@ -439,6 +481,7 @@ class Trainer:
         lines = [f"iterations {first_iteration} -> {self.iteration} of {self.run.training.train_iters}"
                  + (f" (stopped: {self.stop_reason})" if self.stop_reason else ""),
                  f"optimizer steps skipped (non-finite or extreme grad norm): {self.clipper.num_skipped}",
+                 f"loss-spike rollbacks: {self.rollbacks}" + ("" if self.spikes else " (--rollback-on-spike off)"),
                  f"bad samples replaced: {_count_text(bad)}"]
         lines += [f"  {reason}: e.g. {path}" for reason, path in sorted(seen.items())]
         logger.info("run summary\n  " + "\n  ".join(lines))
@@ -494,6 +537,8 @@ class Trainer:
             "clipper": self.clipper.state_dict(),
             "sampler": sampler,
             "bad_samples": self._bad_samples(),
+            "spikes": self.spikes.state_dict() if self.spikes else None,
+            "rollbacks": self.rollbacks,
             "config": json.loads(json.dumps(dataclasses.asdict(self.run), default=str)),
         }
 
@@ -505,8 +550,11 @@ class Trainer:
         ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self._common_state(),
                              keep_last=ck.keep_last, ema_weights=ema, generators=self._generators(), meta=meta)
 
-    def _load(self, root: str) -> None:
+    def _load(self, root: str, rollback: bool = False) -> None:
+        """Resume from ``root`` as the load flags say; ``rollback`` restores everything (a spike rollback)."""
         ck = self.run.checkpoint
+        if rollback:
+            ck = dataclasses.replace(ck, load_optim=True, load_rng=True, finetune=False)
         with_optim = ck.load_optim and not ck.finetune
         it, common = ckpt.load_checkpoint(root, self.model, self.optimizer if with_optim else None,
                                           load_rng=ck.load_rng and not ck.finetune, generators=self._generators(),
@@ -523,6 +571,10 @@ class Trainer:
         self.clipper.load_state_dict(common["clipper"])
         self.loader.load_state_dict(common["sampler"])
         self._bad_before = dict(common.get("bad_samples", {}))
+        if not rollback:  # a rollback keeps this run's counts and loss window
+            self.rollbacks = common.get("rollbacks", 0)
+            if self.spikes is not None and common.get("spikes"):
+                self.spikes.load_state_dict(common["spikes"])
         logger.info("resumed from %s at iteration %d%s%s", root, it, "" if with_optim else " (fresh optimizer: "
                     "--no-load-optim)", "" if ck.load_rng else " (RNG not restored: --no-load-rng)")
 
