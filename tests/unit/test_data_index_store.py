@@ -320,3 +320,14 @@ def test_loading_memory_is_bounded(tmp_path):
                                      text=True, timeout=300).stdout.split()[-1]) for mode in ("store", "memory")}
     bound = 8 << 20
     assert grow["store"] < bound < grow["memory"], grow
+
+
+def test_index_with_nothing_kept(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([{"path": "a.mp4", "cap": "x", "resolution": {"height": 9, "width": 16},
+                                                   "num_frames": 50}]))
+    (tmp_path / "data.txt").write_text(".,a.json\n")
+    cfg = FIXED.replace(data_path=str(tmp_path / "data.txt"))
+    store = open_index(cfg, str(tmp_path / "idx"))
+    assert len(store) == 0 and store.dropped == {"too_small": 1} and store.shape_groups() == {}
+    with pytest.raises(ValueError, match="empty after filtering"):
+        VideoTextDataset(store, cfg)
