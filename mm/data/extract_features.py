@@ -214,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     from mm.ops import select_backend
 
-    backend = select_backend(a.backend)
-    device = backend.device(int(os.environ.get("LOCAL_RANK", "0")))
-    if world_size > 1 and not dist.is_initialized():
-        from mm.distributed.init import init_process_group
+    select_backend(a.backend)
+    from mm.distributed.init import init_device, init_process_group
 
+    device = init_device()  # this rank's device (cuda:LOCAL_RANK / npu:LOCAL_RANK / cpu), made current
+    if world_size > 1 and not dist.is_initialized():
         init_process_group()
     try:
         cfg = load_data_config(a.data, **overrides)

@@ -164,10 +164,7 @@ def default_device() -> torch.device:
     """The selected backend's device for this process (``LOCAL_RANK`` picks the accelerator)."""
     from mm.ops import current_backend
 
-    backend = current_backend()
-    if backend.device_type == "cpu":
-        return torch.device("cpu")
-    return backend.device(int(os.environ.get("LOCAL_RANK", "0")))
+    return current_backend().local_device()
 
 
 class OpenSoraPlanPipeline:

@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the init, data order and posterior noise (default {d.seed})")
     p.add_argument("--init", default=None,
                    help="checkpoint to start from, any released layout (default: ae.from_pretrained, else random)")
-    p.add_argument("--device", default="cpu", help="torch device to fit on, e.g. cuda:0 (default cpu)")
+    p.add_argument("--device", default=None,
+                   help="torch device to fit on, e.g. cuda:0 (default: the backend's, $MM_BACKEND or auto: "
+                        "cuda:LOCAL_RANK, npu:LOCAL_RANK or cpu)")
     p.add_argument("--log-every", type=int, default=d.log_every, help=f"log every N steps (default {d.log_every})")
     p.add_argument("--stats-clips", type=int, default=d.stats_clips,
                    help=f"clips used for the latent statistics and the final PSNR (default {d.stats_clips})")
@@ -394,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in (("--mm-model", a.mm_model), ("--mm-data", a.mm_data), ("--init", a.init)):
         if path is not None and not os.path.isfile(path):
             p.error(f"{flag} {path!r} does not exist")
+    if a.device is None:
+        from mm.ops import current_backend
+
+        a.device = str(current_backend().local_device())
     try:
         torch.device(a.device)
     except RuntimeError as e:

@@ -191,3 +191,29 @@ def test_backend_modules_name_their_device(fake_libs):
     npu_3 = types.SimpleNamespace(type="npu", index=3)  # torch.device("npu") exists only with torch_npu
     assert npu.device_name(npu_3) == "Ascend910B2 (fake 3)"
     assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(reference.kernels())
+
+
+# ---------------------------------------------------------------------------------------------- npu patches
+def test_npu_patch_set_needs_no_mindspeed_adaptor():
+    import megatron_patches
+
+    names = [p.name for p in megatron_patches.patches_for("npu")]
+    assert names[0] == "transfer_to_npu" and "npu_type_names" in names and "paged_stash_stub" in names
+    assert not any("mindspeed" in p.target for p in megatron_patches.patches_for("npu"))
+    assert {p.phase for p in megatron_patches.patches_for("npu") if p.name == "transfer_to_npu"} == {"pre_import"}
+
+
+def test_npu_type_names_only_for_megatron_callers():
+    from megatron_patches.npu import _npu_type_names
+
+    class FakeNpuTensor:
+        def type(self, dtype=None, non_blocking=False, **kwargs):
+            return "torch.npu.BFloat16Tensor" if dtype is None else f"cast to {dtype}"
+
+    patched = _npu_type_names(FakeNpuTensor.type)
+    t = FakeNpuTensor()
+    assert patched(t) == "torch.npu.BFloat16Tensor"  # our code sees the truth
+    megatron_frame = {"__name__": "megatron.core.optimizer.optimizer", "patched": patched, "t": t}
+    exec("def call():\n    return patched(t)", megatron_frame)
+    assert megatron_frame["call"]() == "torch.cuda.BFloat16Tensor"
+    assert patched(t, torch.float32) == "cast to torch.float32"
