@@ -176,6 +176,10 @@ def _run_tasks(tasks: list[dict[str, Any]], workers: int, progress: bool) -> tup
             records += sum(m["records"] for m in written)
             bar.update(1)
             bar.set_postfix(records=records, rec_per_s=f"{records / max(time.time() - t0, 1e-9):,.0f}")
+    except BaseException:
+        if pool is not None:
+            pool.terminate()  # a failed task (e.g. an unreadable file) stops the others at once
+        raise
     finally:
         bar.close()
         if pool is not None:

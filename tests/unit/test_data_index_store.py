@@ -265,6 +265,13 @@ def test_build_index_cli(tmp_path, capsys):
         build_main(args[:4] + ["--workers", "0"])
     assert e.value.code == 2
     assert "error: --workers" in capsys.readouterr().err
+    # a broken annotation file stops the build (all workers) with one error line naming it
+    (tmp_path / "bad.json").write_text('{"path": "not a list"}')
+    (tmp_path / "data2.txt").write_text("ds0,ds0/ann.jsonl\n.,bad.json\n")
+    with pytest.raises(SystemExit) as e:
+        build_main(["--data", str(tmp_path / "data2.txt"), "--out", str(tmp_path / "idx2"), "--workers", "2"])
+    assert e.value.code == 2
+    assert "bad.json' must hold a JSON list" in capsys.readouterr().err
 
 
 MEMORY_PROBE = r"""
