@@ -25,8 +25,8 @@ TP-split parameters / TP + replicated ones):
   selective = the attention half + the FFN inputs, full = the block inputs (plus one block's activations
   while it is recomputed). Calibrated against ``mm.tools.memory_probe`` on real CPU runs of the tiny and a
   mid-size config (``tests/unit/test_plan.py``, within 20%);
-* attention buffers: the softmax statistics (fp32, one per head and query); our kernels never materialise
-  the ``S x S`` scores or mask (spec §3.1);
+* attention buffers: the softmax statistics (fp32, one per local head and query per block); our kernels never
+  materialise the ``S x S`` scores or mask (spec §3.1);
 * frozen encoders: WFVAE, T5 and CLIP weights in their dtypes (0 with the feature cache); counted from the
   encoder directories' ``config.json`` when present, else from the released architectures. The WFVAE
   encode runs before the denoiser's forward and is bounded by its temporal tiling; it is not added.
@@ -284,9 +284,14 @@ def activation_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
         kept, extra = k * (half(ACT["attn"]) + inputs / 2) + (n - k) * full_block, half(ACT["ffn"])
     else:
         kept, extra = k * inputs + (n - k) * full_block, full_block
+    return int(kept + extra)
+
+
+def attention_buffer_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
+    """Softmax statistics kept for the backward (fp32, one per local head and query, every block): the fused /
+    flash kernels never materialise the scores or the mask."""
     heads = facts.num_heads / (layout.tp * layout.cp)
-    softmax_stats = n * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4
-    return int(kept + extra + softmax_stats)
+    return int(facts.num_blocks * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4)
 
 
 def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
@@ -301,6 +306,7 @@ def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
         "ema": 4 * P // shards,
         "opt_step": int(OPT_STEP_F32 * 4 * P // shards),
         "activations": activation_bytes(facts, layout, work),
+        "attention": attention_buffer_bytes(facts, layout, work),
         "frozen": sum(facts.frozen_bytes.values()),
     }
 
@@ -313,9 +319,10 @@ def checkpoint_bytes(total_params: int, bf16: bool) -> int:
 
 
 def peak_bytes(memory: dict) -> int:
-    """The optimizer step's working memory and the activations are never alive together."""
-    static = sum(v for k, v in memory.items() if k not in ("opt_step", "activations"))
-    return static + max(memory["opt_step"], memory["activations"])
+    """The optimizer step's working memory and the activations (with the attention buffers) are never alive
+    together."""
+    static = sum(v for k, v in memory.items() if k not in ("opt_step", "activations", "attention"))
+    return static + max(memory["opt_step"], memory["activations"] + memory["attention"])
 
 
 def _ring_seconds(nbytes: float, group: int, gbps: float) -> float:
@@ -412,8 +419,8 @@ def plan(facts: ModelFacts, work: Workload, device: Device, num_devices: int, co
 
 
 # ------------------------------------------------------------------------------------------ report
-COLUMNS = ("layout", "distopt", "recompute", "GA", "weights", "grads", "optim", "ema", "act", "frozen", "peak",
-           "step s", "MFU", "note")
+COLUMNS = ("layout", "distopt", "recompute", "GA", "weights", "grads", "optim", "ema", "act", "attn", "frozen",
+           "peak", "step s", "MFU", "note")
 
 
 def supported(layout: Layout) -> bool:
@@ -427,7 +434,7 @@ def _row(e: Estimate) -> list[str]:
     m = e.memory
     gb = lambda v: f"{v / GB:.3g}"  # noqa: E731
     return head + [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["ema"]), gb(m["activations"]),
-                   gb(m["frozen"]), gb(peak_bytes(m)), f"{e.step_seconds:.3g}",
+                   gb(m["attention"]), gb(m["frozen"]), gb(peak_bytes(m)), f"{e.step_seconds:.3g}",
                    f"{100 * e.mfu:.1f}%" if e.mfu is not None else "n/a", "; ".join(e.problems)]
 
 
@@ -456,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-len", type=int, default=512, help="text tokens per sample (T5 model_max_length)")
     p.add_argument("--micro-batch-size", type=int, default=1)
     p.add_argument("--global-batch-size", type=int, default=None, help="default: the number of devices")
+    p.add_argument("--feature-cache", action="store_true",
+                   help="train from cached VAE latents and text features (no frozen encoders in memory)")
     p.add_argument("--fp32", action="store_true", help="fp32 parameters (default: bf16 with fp32 master weights)")
     p.add_argument("--compute-efficiency", type=float, default=0.5,
                    help="fraction of the peak the GEMMs and attention reach (default 0.5)")
@@ -484,6 +493,8 @@ def main(argv=None) -> int:
 
         select_backend("cpu")  # the planner builds on the meta device only
         spec = load_model_json(args.mm_model)
+        if args.feature_cache:
+            spec = dataclasses.replace(spec, load_video_features=True, load_text_features=True)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
