@@ -203,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
                ("--vae-checkpoint", a.vae_checkpoint), ("--t5", a.t5), ("--clip", a.clip)) if path and not os.path.exists(path)]
     if missing:  # all of them, before anything is built
         p.error("; ".join(missing))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from mm.logs import setup_logging
+
+    setup_logging()
     overrides: dict[str, Any] = {}
     if a.num_frames is not None:
         overrides.update(num_frames=a.num_frames, min_num_frames=min(a.num_frames, 29))

@@ -151,3 +151,35 @@ def test_inference_script_parses(tmp_path):
     run = _split_torchrun(out.stdout.splitlines())
     args = build_parser().parse_args(run.training_script_args)
     assert args.t5 == str(tmp_path / "pretrained/t5-v1_1-xl") and args.save_path == str(tmp_path / "samples/osp15")
+
+
+def test_slurm_usr1_reaches_the_training_step_and_requeues(tmp_path):
+    import signal
+    import time
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log, pid_file = tmp_path / "events.log", tmp_path / "step.pid"
+    tools = {
+        "scontrol": f'if [[ "$1 $2" == "show hostnames" ]]; then echo node0; '
+                    f'elif [[ "$1" == requeue ]]; then echo "requeue $2" >> {log}; fi',
+        # the training step: waits until SIGUSR1 arrives (the workers' save), then exits 0
+        "srun": f'trap \'echo "step got USR1" >> {log}; exit 0\' USR1; echo $$ > {pid_file}; '
+                'while true; do sleep 0.1; done',
+        "scancel": f'echo "scancel $*" >> {log}; kill -USR1 "$(cat {pid_file})"',
+    }
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = _env(tmp_path, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7", SLURM_JOB_NODELIST="node0",
+               SLURM_NNODES="1", SLURM_GPUS_ON_NODE="8", PREFLIGHT="0", OSP_EXAMPLES=str(EXAMPLES))
+    proc = subprocess.Popen(["bash", str(EXAMPLES / "train.slurm"), "Video-4"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), proc.communicate(timeout=10)
+    proc.send_signal(signal.SIGUSR1)  # what SLURM does 10 minutes before the time limit (--signal=B:USR1@600)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert log.read_text().splitlines() == ["scancel --signal=USR1 7", "step got USR1", "requeue 7"]
