@@ -179,19 +179,12 @@ def _workspace() -> Path:
 
 def check_train() -> dict:
     backend, dev = _backend()
-    from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
-    from mm.config_upstream import load_data_config, load_model_json
     from mm.training.ema_adamw import EMA_KEY
-    from mm.training.trainer import Trainer
+    from tiny_workspace import tiny_trainer
 
     root = _workspace()
-    run = RunConfig(
-        parallel=ParallelConfig(),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, use_distributed_optimizer=True),
-        training=TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=2, seed=1234, bf16=True),
-        checkpoint=CheckpointConfig(save=str(root / "ckpt"), save_interval=2),
-    )
-    t = Trainer(load_model_json(root / "model.json"), load_data_config(root / "data.json"), run, data_num_workers=0)
+    t = tiny_trainer({"model": str(root / "model.json"), "data": str(root / "data.json")}, iters=2, bf16=True,
+                     save=str(root / "ckpt"))
     losses = [r.loss for r in t.train()]
     inner = t.optimizer.optimizer
     main = [p for grp in inner.param_groups for p in grp["params"]]

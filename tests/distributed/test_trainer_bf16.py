@@ -3,14 +3,13 @@ optimizer with fp32 main params + the EMA, save at step 2 and resume bit-exactly
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
 from harness import run_distributed
-from tiny_workspace import make_workspace
+from tiny_workspace import make_workspace, tiny_trainer
 
 
 @pytest.fixture(scope="module")
@@ -19,18 +18,9 @@ def ws(tmp_path_factory):
 
 
 def _train(rank, world, ws, ckpt, iters, load):
-    from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
-    from mm.config_upstream import load_data_config, load_model_json
     from mm.training.ema_adamw import EMA_KEY
-    from mm.training.trainer import Trainer
 
-    run = RunConfig(
-        parallel=ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, use_distributed_optimizer=True),
-        training=TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=iters, seed=1234, bf16=True),
-        checkpoint=CheckpointConfig(save=ckpt, load=load, save_interval=2),
-    )
-    t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
+    t = tiny_trainer(ws, tp=2, sp=True, iters=iters, bf16=True, save=ckpt, load=load)
     losses = [r.loss for r in t.train()]
     inner = t.optimizer.optimizer
     main = [p for g in inner.param_groups for p in g["params"]]
