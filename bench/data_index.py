@@ -7,7 +7,8 @@
    workers, records/s and records per CPU-second (the per-core rate, little affected by other load).
 3. **ranks**: ``--ranks`` processes started at once, as the ranks of one node, each opening the cached index,
    building its sampler (rank r of R) and a DataLoader with ``--loader-workers`` forked workers that read
-   index entries (no decoding); per rank: start-up (launch -> first batch; and without the imports of
+   index entries (no decoding), the sampler sharing its epoch order through the index directory as in
+   training (``shared_order_dir``); per rank: start-up (launch -> first batch; and without the imports of
    torch etc.: index open + sampler + DataLoader workers -> first batch), peak RSS (VmHWM), and the
    private memory attributable to the index: the rank's anonymous-memory growth from after its imports to
    after ``--batches`` batches, plus each worker's growth from its first item to its last. The shards are
@@ -103,6 +104,7 @@ from torch.utils.data import DataLoader, Dataset
 from mm.data.build_index import open_index
 from mm.data.config import DataConfig
 from mm.data.index import build_index
+from mm.data.loader import shared_order_dir
 from mm.data.sampler import GroupedDistributedSampler
 
 def status(key):
@@ -130,7 +132,7 @@ cfg = DataConfig(**json.loads({cfg!r}))
 index = open_index(cfg, {index_dir!r}) if mode == "store" else build_index(cfg)
 t_index = time.time()
 sampler = GroupedDistributedSampler(index.shape_groups(), batch_size=2, global_batch_size=2 * ranks,
-                                    num_replicas=ranks, rank=rank, seed=0)
+                                    num_replicas=ranks, rank=rank, seed=0, order_dir=shared_order_dir(index))
 loader = DataLoader(Probe(index), batch_sampler=sampler, num_workers=workers, collate_fn=list,
                     multiprocessing_context="fork" if workers else None)
 it = iter(loader)

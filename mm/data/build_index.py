@@ -21,15 +21,14 @@ storage). The manifest is renamed into place last, so a reader sees a whole inde
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from typing import Any, Iterator
 
 import numpy as np
@@ -37,8 +36,8 @@ import numpy as np
 from mm.data.annotations import annotation_format, iter_json_list, iter_jsonl, jsonl_ranges
 from mm.data.config import DataConfig, load_data_config
 from mm.data.index import MAX_EXAMPLES_PER_REASON, decide_record, drop_label, group_order, rare_shapes
-from mm.data.index_store import (BY_SHAPE, CHUNK_DIR, INDEX_VERSION, MANIFEST, SAMPLE_ROWS,
-                                 ChunkWriter, IndexInvalid, IndexStore, bad_samples_hash, chunk_files_ok,
+from mm.data.index_store import (BY_SHAPE, CHUNK_DIR, INDEX_VERSION, MANIFEST, ORDER_DIR, SAMPLE_ROWS,
+                                 ChunkWriter, IndexInvalid, IndexStore, bad_samples_hash, chunk_files_ok, file_lock,
                                  filter_config, index_key, read_bad_samples, read_chunk_columns, source_manifest,
                                  write_json_atomic)
 
@@ -287,6 +286,7 @@ def build_store(cfg: DataConfig, out_dir: str, *, workers: int = 1, chunk_record
     for name in (BY_SHAPE, SAMPLE_ROWS):
         if os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
+    shutil.rmtree(os.path.join(out_dir, ORDER_DIR), ignore_errors=True)  # orders of the old samples
     chunk_key = f"{key}:{bad_samples_hash(out_dir)}"  # chunks filtered with another bad list are redone
     done = _existing_chunks(chunk_dir, chunk_key)
     bad = read_bad_samples(out_dir)
@@ -317,21 +317,6 @@ def default_workers(cfg: DataConfig) -> int:
     return min(8, os.cpu_count() or 1)
 
 
-@contextmanager
-def _locked(path: str) -> Iterator[None]:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        except OSError as e:
-            raise ValueError(f"cannot lock {path} ({e}); this file system has no flock: build the index once with "
-                             "python -m mm.data.build_index and pass --data-index") from e
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-
-
 def open_index(cfg: DataConfig, index_dir: str | None = None, *, workers: int | None = None,
                progress: bool = False, chunk_records: int = CHUNK_RECORDS,
                chunk_bytes: int = CHUNK_BYTES) -> IndexStore:
@@ -342,7 +327,7 @@ def open_index(cfg: DataConfig, index_dir: str | None = None, *, workers: int | 
         return IndexStore(out_dir, key)
     except IndexInvalid as e:
         first_reason = str(e)
-    with _locked(out_dir.rstrip("/") + ".lock"):
+    with file_lock(out_dir.rstrip("/") + ".lock"):
         try:
             return IndexStore(out_dir, key)  # built by another process while this one waited
         except IndexInvalid:
@@ -406,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = config_from_args(a)
         key = index_key(cfg, source_manifest(cfg))
         out = a.out or os.path.join(default_cache_root(), key)
-        with _locked(out.rstrip("/") + ".lock"):
+        with file_lock(out.rstrip("/") + ".lock"):
             try:
                 if a.force:
                     raise IndexInvalid("--force")

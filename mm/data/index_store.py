@@ -14,6 +14,7 @@ implementation, ``decide_record``); read here. Layout of an index directory::
     sample_rows.npy               sample -> global row, only when ``min_samples_per_shape`` removed rows
     bad_samples.jsonl             paths found bad after the build ({"path", "reason"}; excluded by the next
                                   build; never deleted by a rebuild)
+    orders/                       epoch orders of the sampler, shared by the ranks (``mm.data.sampler``)
     manifest.json                 written last, atomically: version, key, filter config, source files with
                                   sizes and mtimes, counts, drops, shape table, chunk table
 
@@ -26,13 +27,15 @@ from the shards on demand, captions lazily, and the processes of a node share on
 from __future__ import annotations
 
 import bisect
+import fcntl
 import hashlib
 import json
 import mmap
 import os
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +50,7 @@ CHUNK_DIR = "chunks"
 BY_SHAPE = "by_shape.npy"
 SAMPLE_ROWS = "sample_rows.npy"
 BAD_SAMPLES = "bad_samples.jsonl"
+ORDER_DIR = "orders"
 KINDS = ("video", "image")
 SCHEMA = pa.schema([
     ("source", pa.int32()), ("record", pa.int64()), ("path", pa.string()), ("kind", pa.int8()),
@@ -123,6 +127,23 @@ def record_bad_samples(index_dir: str, bad: Mapping[str, str]) -> int:
             for p, r in sorted(new.items()):
                 f.write(json.dumps({"path": p, "reason": r}) + "\n")
     return len(new)
+
+
+@contextmanager
+def file_lock(path: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path`` (created if needed), released when the block ends or the process
+    dies: the first process builds, the others wait."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as e:
+            raise ValueError(f"cannot lock {path} ({e}); this file system has no flock: build the index once with "
+                             "python -m mm.data.build_index and pass --data-index") from e
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def write_json_atomic(path: str, doc: Any) -> None:
@@ -265,6 +286,11 @@ class IndexStore:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    @property
+    def order_dir(self) -> str:
+        """Where the sampler shares its epoch orders (``GroupedDistributedSampler(order_dir=...)``)."""
+        return os.path.join(self.dir, ORDER_DIR)
 
     def shape_counts(self) -> dict[str, int]:
         return dict(self._shapes)

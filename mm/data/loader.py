@@ -123,6 +123,18 @@ def build_text_processor(cfg: DataConfig, tokenizer: Any = None, tokenizer_2: An
                          use_aesthetic=cfg.use_aesthetic)
 
 
+def shared_order_dir(index: Any) -> str | None:
+    """The on-disk index's directory for epoch orders shared by the ranks; ``None`` (each rank keeps its
+    own, 4 bytes per sample, with a warning) when the index is in memory or its directory is read-only."""
+    if not isinstance(index, IndexStore):
+        return None
+    if not os.access(index.dir, os.W_OK):
+        logger.warning("data index %s is read-only: each rank keeps its own epoch order (%.0f MB)", index.dir,
+                       len(index) * 4 / 2 ** 20)
+        return None
+    return index.order_dir
+
+
 def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
                      global_batch_size: int | None = None, tokenizer: Any = None, tokenizer_2: Any = None,
                      index: DataIndex | IndexStore | None = None, num_workers: int | None = None,
@@ -153,7 +165,8 @@ def build_dataloader(cfg: DataConfig, *, rank: int = 0, num_replicas: int = 1,
         groups = dataset.shape_keys
     sampler = GroupedDistributedSampler(groups, batch_size=cfg.batch_size, global_batch_size=global_batch_size,
                                         num_replicas=num_replicas, rank=rank, seed=cfg.seed,
-                                        initial_global_step=cfg.initial_global_step_for_sampler)
+                                        initial_global_step=cfg.initial_global_step_for_sampler,
+                                        order_dir=shared_order_dir(index))
     workers = cfg.num_workers if num_workers is None else num_workers
     if workers > 0:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # fast tokenizers in forked workers

@@ -24,18 +24,26 @@ on-disk index at scale, ``mm.data.index_store``), each group is shuffled in plac
 of 4 bytes per sample (8 beyond 2^31 samples), and the blocks are visited through their permutation, so
 no per-sample Python object exists; micro-batches are produced lazily. ``rng.shuffle`` of a group array
 applies exactly the swaps ``rng.permutation(len(group))`` draws, so the order is the same as indexing the
-group with that permutation.
+group with that permutation. With ``order_dir`` (the on-disk index's ``orders/``) the epoch buffer is
+computed by the first process that needs it, under a file lock, written there and memory-mapped by every
+rank: one page-cache copy per node (or per cluster on shared storage) instead of 4 bytes per sample in
+each rank; the files of epochs older than the previous one are deleted.
 """
 
 from __future__ import annotations
 
+import glob
 import logging
+import os
+import re
+import zlib
 from collections import Counter
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
 from mm.data.index import group_order
+from mm.data.index_store import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +68,7 @@ class GroupedDistributedSampler:
 
     def __init__(self, groups: Sequence[str] | Mapping[str, np.ndarray], *, batch_size: int,
                  global_batch_size: int, num_replicas: int = 1, rank: int = 0, seed: int = 42,
-                 initial_global_step: int = 0) -> None:
+                 initial_global_step: int = 0, order_dir: str | None = None) -> None:
         if not isinstance(groups, Mapping):
             groups = groups_from_keys(groups) if len(groups) else {}
         self.num_samples = sum(len(g) for g in groups.values())
@@ -88,6 +96,7 @@ class GroupedDistributedSampler:
         self._groups = [groups[k] for k in group_order({k: len(g) for k, g in groups.items()}) if len(groups[k])]
         self._dtype = np.int32 if self.num_samples < 2 ** 31 else np.int64
         self._epoch_blocks: tuple[int, np.ndarray, np.ndarray] | None = None
+        self.order_dir = order_dir
         if initial_global_step:
             self.consumed_samples = min(initial_global_step * global_batch_size, self.epoch_length)
 
@@ -106,23 +115,49 @@ class GroupedDistributedSampler:
         """``(blocks, visit)``: the epoch's shuffled, padded groups as ``[num_blocks, global_batch_size]``
         and the order in which the blocks are visited (one epoch kept cached)."""
         if self._epoch_blocks is None or self._epoch_blocks[0] != epoch:
-            rng = np.random.default_rng((self.seed, epoch))
-            g = self.global_batch_size
-            buf = np.empty(self.epoch_length, dtype=self._dtype)
-            pos = 0
-            for grp in self._groups:
-                n = len(grp)
-                part = buf[pos:pos + n]
-                part[:] = grp
-                rng.shuffle(part)  # == grp[rng.permutation(n)], in place
-                pos += n
-                short = (-n) % g
-                if short:
-                    buf[pos:pos + short] = grp[rng.integers(0, n, size=short)]
-                    pos += short
-            blocks = buf.reshape(-1, g)
-            self._epoch_blocks = (epoch, blocks, rng.permutation(len(blocks)))
+            blocks, visit = self._shuffle(epoch) if self.order_dir is None else self._shared_blocks(epoch)
+            self._epoch_blocks = (epoch, blocks, visit)
         return self._epoch_blocks[1], self._epoch_blocks[2]
+
+    def _shuffle(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, epoch))
+        g = self.global_batch_size
+        buf = np.empty(self.epoch_length, dtype=self._dtype)
+        pos = 0
+        for grp in self._groups:
+            n = len(grp)
+            part = buf[pos:pos + n]
+            part[:] = grp
+            rng.shuffle(part)  # == grp[rng.permutation(n)], in place
+            pos += n
+            short = (-n) % g
+            if short:
+                buf[pos:pos + short] = grp[rng.integers(0, n, size=short)]
+                pos += short
+        blocks = buf.reshape(-1, g)
+        return blocks, rng.permutation(len(blocks))
+
+    def _shared_blocks(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The epoch order from ``order_dir``: written once (under a lock) by the first process, mapped by all."""
+        sizes = np.asarray([len(grp) for grp in self._groups], dtype=np.int64)
+        tag = f"order-s{self.seed}-g{self.global_batch_size}-n{self.num_samples}-c{zlib.crc32(sizes.tobytes()):08x}"
+        stem = os.path.join(self.order_dir, f"{tag}-e{epoch}")
+        if not os.path.exists(stem + ".blocks.npy"):
+            with file_lock(os.path.join(self.order_dir, ".lock")):
+                if not os.path.exists(stem + ".blocks.npy"):
+                    blocks, visit = self._shuffle(epoch)
+                    for name, arr in (("visit", visit), ("blocks", blocks)):  # blocks last: its presence = done
+                        np.save(f"{stem}.{name}.tmp-{os.getpid()}.npy", arr)
+                        os.replace(f"{stem}.{name}.tmp-{os.getpid()}.npy", f"{stem}.{name}.npy")
+                    del blocks
+                    for old in glob.glob(os.path.join(self.order_dir, f"{tag}-e*.npy")):
+                        m = re.search(r"-e(\d+)\.(blocks|visit)\.npy$", old)
+                        if m and int(m.group(1)) < epoch - 1:
+                            os.remove(old)  # ranks still mapping it keep their pages until they unmap
+        blocks = np.load(stem + ".blocks.npy", mmap_mode="r")
+        visit = np.load(stem + ".visit.npy")
+        assert blocks.shape == (self.epoch_length // self.global_batch_size, self.global_batch_size), stem
+        return blocks, visit
 
     def global_order(self, epoch: int | None = None) -> np.ndarray:
         """The epoch's global sequence of dataset indices (length ``epoch_length``; materialised)."""

@@ -338,3 +338,23 @@ def test_index_with_nothing_kept(tmp_path):
     assert len(store) == 0 and store.dropped == {"too_small": 1} and store.shape_groups() == {}
     with pytest.raises(ValueError, match="empty after filtering"):
         VideoTextDataset(store, cfg)
+
+
+def test_epoch_order_shared_through_the_index_directory(tmp_path, monkeypatch):
+    cfg = MULTI.replace(data_path=write_data(tmp_path, "jsonl", n=300), min_samples_per_shape=1)
+    store = open_index(cfg, str(tmp_path / "idx"))
+    kw = dict(batch_size=1, global_batch_size=4, num_replicas=2, seed=3)
+    plain = [GroupedDistributedSampler(store.shape_groups(), rank=r, **kw) for r in range(2)]
+    shared = [GroupedDistributedSampler(store.shape_groups(), rank=r, order_dir=store.order_dir, **kw)
+              for r in range(2)]
+    for epoch in range(4):
+        for s in plain + shared:
+            s.set_epoch(epoch)
+        assert shared[0].rank_batches() == plain[0].rank_batches()  # rank 0 writes the epoch's order
+        monkeypatch.setattr(shared[1], "_shuffle", lambda e: pytest.fail("rank 1 recomputed the order"))
+        assert shared[1].rank_batches() == plain[1].rank_batches()  # rank 1 maps it
+        np.testing.assert_array_equal(shared[1].global_order(), plain[1].global_order())
+    kept = sorted(f.rsplit("-", 1)[1] for f in os.listdir(store.order_dir) if f.endswith(".npy"))
+    assert kept == ["e2.blocks.npy", "e2.visit.npy", "e3.blocks.npy", "e3.visit.npy"]  # older epochs deleted
+    build_store(cfg, store.dir)  # a rebuild drops the orders of the old samples
+    assert not os.path.exists(store.order_dir)
