@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
