@@ -6,7 +6,7 @@ TP and SP are chosen at construction (which linear classes, which groups); what 
   block (adaLN #2 + both FFNs + gated residuals) of the first ``num_layers`` blocks; ``full`` wraps
   whole blocks. Non-reentrant ``torch.utils.checkpoint``; the SUV has no dropout, so replays are exact.
 * ``wrap_ddp``: megatron DDP (fp32 grad buffers, optional distributed-optimizer layout) and the
-  hooks megatron's schedules read from the model config.
+  hooks megatron's schedules read from the model config; ``wrap_ddp_chunks`` for a rank's pipeline chunks.
 """
 
 from __future__ import annotations
@@ -66,7 +66,8 @@ def wrap_ddp(model, *, use_distributed_optimizer: bool):
     from megatron.core.enums import ModelType
 
     model.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
-    model.set_input_tensor = _single_stage_input
+    if getattr(model, "set_input_tensor", None) is None:  # pipeline chunks have theirs (mm.distributed.pipeline)
+        model.set_input_tensor = _single_stage_input
     ddp = DistributedDataParallel(
         model.config,
         DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer),
@@ -75,3 +76,13 @@ def wrap_ddp(model, *, use_distributed_optimizer: bool):
     model.config.finalize_model_grads_func = finalize_model_grads
     model.config.no_sync_func = ddp.no_sync
     return ddp
+
+
+def wrap_ddp_chunks(chunks, *, use_distributed_optimizer: bool) -> list:
+    """One megatron DDP per pipeline chunk (``mm.distributed.pipeline``); with interleaving the schedule
+    reads one ``no_sync`` per chunk from the first chunk's config."""
+    ddps = [wrap_ddp(chunk, use_distributed_optimizer=use_distributed_optimizer) for chunk in chunks]
+    if len(ddps) > 1:
+        for chunk in chunks:
+            chunk.config.no_sync_func = [d.no_sync for d in ddps]
+    return ddps

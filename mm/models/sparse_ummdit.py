@@ -20,11 +20,23 @@ Public API::
     load_upstream_state_dict(model, full_state_dict)        # full (TP-merged) dict -> this rank's shards
     full = gather_upstream_state_dict(model)                 # this rank's shards -> full released key space
     model.set_sparsity([1, 2, 4, 8, 4, 2, 1]); model.set_sparsity(dense=True)
+
+Pipeline chunks (``mm.distributed.pipeline`` builds them and packs what crosses a stage boundary)::
+
+    chunk = SparseUMMDiT(config, parallel, block_range=(b0, b1), pipeline_replica=i)
+    state = chunk(latents, timestep, text_hidden, text_mask, pooled, video_mask, stage_input=state_in)
+
+A chunk holds the global blocks ``[b0, b1)`` under their released names, the replicated conditioning
+embedder ``time_text_embed``, the long-skip merges of the decoder stages that start inside it, patchify and
+the caption projection if it is first (``pre_process``), the output head if it is last (``post_process``).
+It takes a :class:`StageState` (the two streams and the live skips) unless it is first and returns one
+unless it is last. Conditioning, masks and RoPE are recomputed from the micro-batch on every chunk.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -51,6 +63,9 @@ from mm.models.suv_config import SUVConfig, released_suv_config, tiny_suv_config
 __all__ = [
     "SUVConfig",
     "SparseUMMDiT",
+    "StageState",
+    "block_positions",
+    "live_skips_at",
     "released_suv_config",
     "tiny_suv_config",
     "tp_split_dim",
@@ -75,6 +90,56 @@ _COLUMN_SUFFIXES = tuple(
 _ROW_SUFFIXES = ("attn1.to_out.0.weight", "attn1.to_add_out.weight", "net.2.weight")
 
 
+@dataclass
+class StageState:
+    """What crosses a pipeline-stage boundary: video ``x [Lv', B, D]``, text ``y [Lt', B, D]`` (this rank's
+    SP/CP chunks) and the live long skips ``[(xs, ys), ...]`` (oldest first, the stack's order)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    skips: list
+
+
+def block_positions(cfg: SUVConfig) -> list[tuple[int, int]]:
+    """Global block index -> (U stage, index in the stage), spec §2.8 order."""
+    return [(s, i) for s, n in enumerate(cfg.num_layers) for i in range(n)]
+
+
+def live_skips_at(cfg: SUVConfig, boundary: int) -> int:
+    """Long skips alive between global blocks ``boundary - 1`` and ``boundary``: an encoder stage pushes after
+    its last block, a decoder stage pops before its first block."""
+    mid, start, live = cfg.num_stages // 2, 0, 0
+    for s, n in enumerate(cfg.num_layers):
+        if s < mid and start + n <= boundary:
+            live += 1
+        if s > mid and start < boundary:
+            live -= 1
+        start += n
+    return live
+
+
+class IndexedModules(nn.Module):
+    """A ``ModuleList`` that may hold only some of its indices, each under its global index name (a pipeline
+    chunk keeps ``transformer_blocks.3.1`` named so). Indexing is by that index; iteration is in index order."""
+
+    def __init__(self, modules: Mapping[int, nn.Module]):
+        super().__init__()
+        for i in sorted(modules):
+            self.add_module(str(i), modules[i])
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self._modules[str(index)]
+
+    def __contains__(self, index: int) -> bool:
+        return str(index) in self._modules
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
 class SparseUMMDiT(nn.Module):
     """The SUV denoiser. ``parallel=None`` builds a TP = 1 model that needs no process group.
 
@@ -84,7 +149,8 @@ class SparseUMMDiT(nn.Module):
     """
 
     def __init__(self, config: SUVConfig, parallel=None, params_dtype: torch.dtype = torch.float32, *,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, block_range: tuple[int, int] | None = None,
+                 pipeline_replica: int = 0):
         super().__init__()
         from mm.ops import current_backend
 
@@ -92,6 +158,13 @@ class SparseUMMDiT(nn.Module):
         if not isinstance(config, SUVConfig):
             raise ValueError(f"config must be an SUVConfig, got {type(config).__name__} (use SUVConfig.from_upstream)")
         self.suv_config = cfg = config
+        b0, b1 = block_range if block_range is not None else (0, cfg.num_blocks)
+        if not 0 <= b0 < b1 <= cfg.num_blocks:
+            raise ValueError(f"block_range={block_range!r}: allowed 0 <= first < end <= {cfg.num_blocks} blocks")
+        self.block_range = (b0, b1)
+        self.pre_process, self.post_process = b0 == 0, b1 == cfg.num_blocks
+        # index of this chunk among all pipeline chunks: which copy of the replicated embedder saves and counts
+        self.pipeline_replica = pipeline_replica
         self.tp = tp = TPContext.from_parallel_state(parallel)
         self.cp = cp = CPContext.from_parallel_state(parallel)
         cfg.validate_tp(tp.size)
@@ -115,25 +188,34 @@ class SparseUMMDiT(nn.Module):
     def _build(self, cfg: SUVConfig, tp: TPContext, dtype: torch.dtype) -> None:
         D, Dt, eps = cfg.hidden_size, cfg.timestep_embed_dim, cfg.norm_eps
         p = cfg.patch_size
-        self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
+        b0, b1 = self.block_range
+        if self.pre_process:
+            self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
         self.time_text_embed = TimestepTextEmbedding(Dt, cfg.pooled_projection_dim, dtype=dtype)
-        self.caption_projection = nn.Linear(cfg.caption_channels, D, dtype=dtype)
+        if self.pre_process:
+            self.caption_projection = nn.Linear(cfg.caption_channels, D, dtype=dtype)
         last = (cfg.num_stages - 1, cfg.num_layers[-1] - 1)
+        held = block_positions(cfg)[b0:b1]
         self.transformer_blocks = nn.ModuleList(
-            nn.ModuleList(
-                SparseMMDiTBlock(cfg, tp, self.config, group_skip=i % 2 == 1, context_pre_only=(s, i) == last)
-                for i in range(n)
-            )
-            for s, n in enumerate(cfg.num_layers)
+            IndexedModules({
+                i: SparseMMDiTBlock(cfg, tp, self.config, group_skip=i % 2 == 1, context_pre_only=(s, i) == last)
+                for (hs, i) in held if hs == s
+            })
+            for s in range(cfg.num_stages)
         )
-        num_skips = cfg.num_stages // 2
-        self.skip_norm_linear = nn.ModuleList(self._skip_module(cfg, dtype) for _ in range(num_skips))
-        self.skip_norm_linear_enc = nn.ModuleList(self._skip_module(cfg, dtype) for _ in range(num_skips))
-        self.norm_final = LayerNorm(D, eps, dtype=dtype)
-        self.norm_out = AdaNormOut(D, Dt, eps, tp, self.config)
-        self.proj_out = nn.Linear(D, cfg.patch_size_t * p * p * cfg.out_channels, dtype=dtype)
+        # the merge of decoder stage mid+1+j lives with that stage's first block
+        mid = cfg.num_stages // 2
+        merges = [j for j in range(cfg.num_stages // 2) if (mid + 1 + j, 0) in held]
+        self.skip_norm_linear = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
+        self.skip_norm_linear_enc = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
+        seq_parallel = [*self.skip_norm_linear, *self.skip_norm_linear_enc]
+        if self.post_process:
+            self.norm_final = LayerNorm(D, eps, dtype=dtype)
+            self.norm_out = AdaNormOut(D, Dt, eps, tp, self.config)
+            self.proj_out = nn.Linear(D, cfg.patch_size_t * p * p * cfg.out_channels, dtype=dtype)
+            seq_parallel += [self.norm_final, self.norm_out.norm]
         # Replicated modules that see sequence shards under SP: TP-sum their grads.
-        for m in (*self.skip_norm_linear, *self.skip_norm_linear_enc, self.norm_final, self.norm_out.norm):
+        for m in seq_parallel:
             mark_sequence_parallel(m, tp)
 
     @staticmethod
@@ -196,11 +278,15 @@ class SparseUMMDiT(nn.Module):
         text_mask: torch.Tensor,
         pooled: torch.Tensor,
         video_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        stage_input: StageState | None = None,
+    ) -> torch.Tensor | StageState:
         """latents ``(B, C, t, h, w)``, timestep ``(B,)`` = 1000*sigma, text_hidden ``(B, L, C_text)``,
         text_mask ``(B, L)`` in {0, 1}, pooled ``(B, P)``, video_mask ``(B, t, h, w)`` in {0, 1} or None
         (all valid) -> velocity ``(B, C_out, t, h, w)`` in the dtype of ``latents``.
-        Upstream's extra singleton dims (``(B,1,L,C)``, ``(B,1,L)``, ``(B,1,P)``) are accepted."""
+        Upstream's extra singleton dims (``(B,1,L,C)``, ``(B,1,L)``, ``(B,1,P)``) are accepted.
+
+        A pipeline chunk that is not first reads the streams from ``stage_input`` (``latents`` and
+        ``text_hidden`` then only give the shapes); one that is not last returns a :class:`StageState`."""
         cfg, tp = self.suv_config, self.tp
         if latents.dim() != 5:
             raise ValueError(f"latents must be (B, C, t, h, w), got shape {tuple(latents.shape)}")
@@ -235,32 +321,38 @@ class SparseUMMDiT(nn.Module):
         text_keep = None if bool(text_keep.all()) else text_keep
 
         dtype = self.params_dtype
-        # CP: this rank's frames / caption tokens (masks, RoPE and lengths above stay full-sequence). Split in
-        # eval too (upstream splits only when training; its eval at CP > 1 would mis-gather in attention).
-        latents_in = split_input(latents, 2, cp, "latent frames")
-        text_hidden = split_input(text_hidden, 1, cp, "caption tokens")
-        x = self.patch_embed(latents_in)  # [Lv/CP, B, D]
         c = self.time_text_embed(timestep, pooled)  # [B, Dt] fp32
         # SiLU(c) feeds every adaLN GEMM; its grad is TP-summed once here (each rank owns different rows).
         cond = copy_to_tp(F.silu(c), tp)
-        y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt/CP, B, D]
-        x, y = scatter_sequence(x, tp), scatter_sequence(y, tp)  # SP: this rank's sequence chunk
+        if self.pre_process:
+            # CP: this rank's frames / caption tokens (masks, RoPE and lengths above stay full-sequence). Split in
+            # eval too (upstream splits only when training; its eval at CP > 1 would mis-gather in attention).
+            latents_in = split_input(latents, 2, cp, "latent frames")
+            text_hidden = split_input(text_hidden, 1, cp, "caption tokens")
+            x = self.patch_embed(latents_in)  # [Lv/CP, B, D]
+            y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt/CP, B, D]
+            x, y = scatter_sequence(x, tp), scatter_sequence(y, tp)  # SP: this rank's sequence chunk
+            skips = []
+        else:
+            if stage_input is None:
+                raise ValueError(f"pipeline chunk of blocks {self.block_range} needs stage_input (it is not first)")
+            x, y, skips = stage_input.x, stage_input.y, list(stage_input.skips)
 
         cos, sin = self._rope(grid, x.device)
         ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lv, text_len=Lt,
                                video_keep=video_keep, text_keep=text_keep, cp=cp)
         mid = cfg.num_stages // 2
-        skips = []
-        for s, stage in enumerate(self.transformer_blocks):
-            if s > mid:  # decoder: fuse the mirrored encoder stage's output (stage mid+j+1 <-> mid-j-1)
+        for s, i in block_positions(cfg)[slice(*self.block_range)]:
+            if s > mid and i == 0:  # decoder: fuse the mirrored encoder stage's output (stage mid+j+1 <-> mid-j-1)
                 j = s - mid - 1
                 xs, ys = skips.pop()
                 x = self.skip_norm_linear[j](torch.cat([x, xs], dim=-1))
                 y = self.skip_norm_linear_enc[j](torch.cat([y, ys], dim=-1))
-            for block in stage:
-                x, y = block(x, y, cond, ctx)
-            if s < mid:
+            x, y = self.transformer_blocks[s][i](x, y, cond, ctx)
+            if s < mid and i == cfg.num_layers[s] - 1:
                 skips.append((x, y))
+        if not self.post_process:
+            return StageState(x, y, skips)
 
         x = self.norm_out(self.norm_final(x), cond)  # two LayerNorms in a row, as released
         x = gather_sequence(x, tp)  # [Lv/CP, B, D]
@@ -279,11 +371,13 @@ class SparseUMMDiT(nn.Module):
 
     # ------------------------------------------------------------------ state dict (released key space)
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load this rank's tensors in the released key space. ``_extra_state`` entries and the last block's
-        dead text modules are dropped; any other missing/unexpected key or shape mismatch raises
+        """Load this rank's tensors in the released key space. ``_extra_state`` entries, the last block's
+        dead text modules and (for a pipeline chunk) the keys of other chunks are dropped; any other missing/unexpected key or shape mismatch raises
         ``RuntimeError`` naming it (with ``strict``). For a full (TP-merged) dict on a TP > 1 model use
         :func:`load_upstream_state_dict`."""
         sd = normalize_upstream_state_dict(state_dict, self.suv_config)
+        if self.block_range != (0, self.suv_config.num_blocks):  # a pipeline chunk takes its part of a full dict
+            sd = {k: v for k, v in sd.items() if self.holds_key(k)}
         own = self.state_dict()
         missing = sorted(set(own) - set(sd))
         unexpected = sorted(set(sd) - set(own))
@@ -300,9 +394,28 @@ class SparseUMMDiT(nn.Module):
             raise RuntimeError("SUV state dict does not match the model: " + "; ".join(problems))
         return super().load_state_dict(sd, strict=strict, assign=assign)
 
+    def holds_key(self, key: str) -> bool:
+        """Whether a key of the full released key space belongs to this model (always, unless a pipeline chunk)."""
+        parts = key.split(".")
+        try:
+            if parts[0] in ("patch_embed", "caption_projection"):
+                return self.pre_process
+            if parts[0] in ("norm_final", "norm_out", "proj_out"):
+                return self.post_process
+            if parts[0] == "transformer_blocks":
+                return int(parts[2]) in self.transformer_blocks[int(parts[1])]
+            if parts[0] in ("skip_norm_linear", "skip_norm_linear_enc"):
+                s = self.suv_config.num_stages // 2 + 1 + int(parts[1])
+                return (s, 0) in block_positions(self.suv_config)[slice(*self.block_range)]
+        except (IndexError, ValueError):  # not an SUV key: the strict check names it
+            return True
+        return True
+
     def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None) -> dict:
         """megatron ``dist_checkpointing`` view: TP-sharded tensors for the megatron linears (their own
-        method), replicated ShardedTensors for everything else. Needs real process groups (``parallel``)."""
+        method), replicated ShardedTensors for everything else. Needs real process groups (``parallel``).
+        Keys are global (a block keeps its released name in every pipeline layout), so a checkpoint reshards
+        across PP layouts; the embedder replicated on every pipeline chunk is saved by chunk 0 only."""
         from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 
@@ -316,6 +429,9 @@ class SparseUMMDiT(nn.Module):
                 local = {n: p for n, p in module.named_parameters(recurse=False)}
                 out.update(make_sharded_tensors_for_checkpoint(local, mprefix, {}, sharded_offsets,
                                                                tp_group=self.tp.group, dp_cp_group=metadata["dp_cp_group"]))
+        for key, sh in out.items():
+            if key.startswith(f"{prefix}time_text_embed."):
+                sh.replica_id = (self.pipeline_replica, *sh.replica_id[1:])
         return out
 
     # ------------------------------------------------------------------ construction from upstream

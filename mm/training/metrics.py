@@ -53,11 +53,12 @@ class SUVShape:
     patch_size_t: int = 1
 
 
-def suv_forward_flops(shape: SUVShape, latent_thw: tuple[int, int, int], text_len: int, batch: int = 1) -> float:
+def suv_block_flops(shape: SUVShape, latent_thw: tuple[int, int, int], text_len: int) -> list[float]:
+    """Forward FLOPs of each block (global order) for one sample (also the pipeline cost model's unit)."""
     t, h, w = latent_thw
     lv = (t // shape.patch_size_t) * (h // shape.patch_size) * (w // shape.patch_size)
     d, lt = shape.hidden, text_len
-    total = 0.0
+    out = []
     for n_blocks, k in zip(shape.num_layers, shape.sparse_n):
         lv_pad = math.ceil(lv / (k * k)) * k * k
         per_block = (
@@ -66,8 +67,12 @@ def suv_forward_flops(shape: SUVShape, latent_thw: tuple[int, int, int], text_le
             + 2 * 2 * k * (lv_pad / k + lt) ** 2 * d
             + 2 * 2 * shape.timestep_dim * 6 * d
         )
-        total += n_blocks * per_block
-    return batch * total
+        out += [per_block] * n_blocks
+    return out
+
+
+def suv_forward_flops(shape: SUVShape, latent_thw: tuple[int, int, int], text_len: int, batch: int = 1) -> float:
+    return batch * sum(suv_block_flops(shape, latent_thw, text_len))
 
 
 def train_flops(shape: SUVShape, latent_thw, text_len: int, batch: int) -> float:

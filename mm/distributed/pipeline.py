@@ -1,0 +1,197 @@
+"""Pipeline parallelism of the U-shaped SUV on megatron-core's own schedules (SCALING_NOTES.md §1).
+
+megatron's ``backward_step`` backpropagates only the first output of a stage, and the interleaved schedule
+moves one tensor per boundary, so everything that crosses a boundary is packed into ONE sequence-first
+tensor: ``[x ; y ; xs_0 ; ys_0 ; ...]`` along the sequence dim, ``[S_pack, B, D]`` with
+``S_pack = (1 + live skips) * (Lv' + Lt')`` (this rank's SP/CP chunk lengths). The live long skips ride
+through the stages in between; ``torch.cat`` routes their gradients back to the producing stage. The shape
+changes with the boundary and the bucket, so ``variable_seq_lengths`` is on (shapes are exchanged first).
+
+* :func:`block_costs` / :func:`balanced_stage_blocks`: stage cuts from a cost model that knows skiparse
+  (per block: linear FLOPs + attention FLOPs at sparsity k, from ``mm.training.metrics``) at the run's
+  sequence length, or an explicit ``--pipeline-stage-blocks`` list; :func:`stage_plan_text` prints them.
+* :func:`build_pipeline_chunks`: this rank's model chunks (one, or ``vpp`` interleaved ones: chunk ``v`` of
+  PP rank ``r`` holds virtual stage ``v * pp + r``), each a :class:`SparseUMMDiT` over a block range.
+* :func:`pack_state` / :func:`unpack_state`: the boundary tensor, in this one place.
+* :func:`run_chunk`: one chunk's forward inside megatron's ``forward_step`` (unpack, model, pack).
+* :func:`configure_pipeline`: what the schedules and ``finalize_model_grads`` read (pipeline dtype,
+  variable shapes, ``batch_p2p_comm=False`` at PP = 2 with VPP, the conditioning embedder replicated on
+  every chunk: grads all-reduced over PP, own DDP bucket, counted once in the grad norm).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mm.models.sparse_ummdit import SparseUMMDiT, StageState, live_skips_at
+from mm.models.suv_config import SUVConfig
+from mm.training.metrics import SUVShape, suv_block_flops
+
+
+# ------------------------------------------------------------------------------------------- stage cuts
+def block_costs(cfg: SUVConfig, latent_thw: tuple[int, int, int], text_len: int) -> list[float]:
+    """Forward FLOPs of each global block at this sequence length (linear + attention / k, skiparse-aware)."""
+    shape = SUVShape(tuple(cfg.num_layers), tuple(cfg.effective_sparse_n()), cfg.hidden_size,
+                     cfg.timestep_embed_dim, cfg.patch_size, cfg.patch_size_t)
+    return suv_block_flops(shape, latent_thw, text_len)
+
+
+def balanced_stage_blocks(costs: Sequence[float], num_chunks: int) -> list[int]:
+    """Blocks per pipeline chunk (contiguous, >= 1 each) minimising the most expensive chunk; ties go to the
+    cut that leaves the later chunks lighter (the last stage also runs the head and the loss)."""
+    n = len(costs)
+    if not 1 <= num_chunks <= n:
+        raise ValueError(f"cannot cut {n} blocks into {num_chunks} pipeline chunks (allowed 1..{n})")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    # best[j][i]: minimal max-cost of splitting the first i blocks into j chunks; cut[j][i]: start of the last one
+    best = [[inf] * (n + 1) for _ in range(num_chunks + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_chunks + 1)]
+    best[0][0] = 0.0
+    for j in range(1, num_chunks + 1):
+        for i in range(j, n + 1):
+            for s in range(j - 1, i):
+                v = max(best[j - 1][s], prefix[i] - prefix[s])
+                if v < best[j][i] * (1 - 1e-12):
+                    best[j][i], cut[j][i] = v, s
+    sizes, i = [], n
+    for j in range(num_chunks, 0, -1):
+        s = cut[j][i]
+        sizes.append(i - s)
+        i = s
+    return sizes[::-1]
+
+
+def parse_stage_blocks(text: str) -> list[int]:
+    """``"6,10,10,6"`` -> ``[6, 10, 10, 6]`` (ValueError naming the value otherwise)."""
+    try:
+        sizes = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pipeline-stage-blocks {text!r}: expected comma-separated block counts, e.g. 6,10,10,6")
+    if any(v < 1 for v in sizes):
+        raise ValueError(f"--pipeline-stage-blocks {text!r}: every chunk needs at least 1 block")
+    return sizes
+
+
+def resolve_stage_blocks(cfg: SUVConfig, num_chunks: int, explicit: Sequence[int] | None,
+                         latent_thw: tuple[int, int, int], text_len: int) -> list[int]:
+    """The explicit list (checked: ``num_chunks`` entries summing to the model's blocks) or the cost model's."""
+    if explicit is None:
+        return balanced_stage_blocks(block_costs(cfg, latent_thw, text_len), num_chunks)
+    explicit = list(explicit)
+    if len(explicit) != num_chunks or sum(explicit) != cfg.num_blocks or min(explicit) < 1:
+        raise ValueError(f"--pipeline-stage-blocks {','.join(map(str, explicit))}: need {num_chunks} counts >= 1 "
+                         f"(PP x VPP chunks) summing to the model's {cfg.num_blocks} blocks")
+    return explicit
+
+
+def block_ranges(stage_blocks: Sequence[int]) -> list[tuple[int, int]]:
+    out, start = [], 0
+    for n in stage_blocks:
+        out.append((start, start + n))
+        start += n
+    return out
+
+
+def stage_plan_text(cfg: SUVConfig, stage_blocks: Sequence[int], pp: int, latent_thw, text_len: int) -> str:
+    """One line per virtual stage: its PP rank, blocks, live skips received and estimated cost share."""
+    costs = block_costs(cfg, latent_thw, text_len)
+    total = sum(costs)
+    lines = []
+    for v, (b0, b1) in enumerate(block_ranges(stage_blocks)):
+        share = sum(costs[b0:b1]) / total
+        lines.append(f"stage {v} (PP rank {v % pp}, chunk {v // pp}): blocks {b0}-{b1 - 1} ({b1 - b0}), "
+                     f"receives {live_skips_at(cfg, b0)} skips, est. cost {100 * share:.1f}% "
+                     f"({sum(costs[b0:b1]) / 1e12:.3g} TFLOP fwd/sample)")
+    return "pipeline stages (cost model at latent %s, %d text tokens):\n  " % ("x".join(map(str, latent_thw)),
+                                                                                  text_len) + "\n  ".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- chunks
+def build_pipeline_chunks(cfg: SUVConfig, parallel, stage_blocks: Sequence[int], params_dtype: torch.dtype, *,
+                          vpp: int = 1, device=None) -> list[SparseUMMDiT]:
+    """This PP rank's model chunks in schedule order (chunk v holds virtual stage ``v * pp + pp_rank``)."""
+    pp, rank = parallel.pp_size, parallel.pp_rank
+    ranges = block_ranges(stage_blocks)
+    assert len(ranges) == pp * vpp, (stage_blocks, pp, vpp)
+    chunks = []
+    for v in range(vpp):
+        index = v * pp + rank
+        chunks.append(SparseUMMDiT(cfg, parallel, params_dtype, device=device, block_range=ranges[index],
+                                   pipeline_replica=index))
+    return chunks
+
+
+def _set_input_tensor(chunk: SparseUMMDiT, tensors) -> None:
+    """megatron's schedules hand a stage its received activation as a one-element list ([None] when first)."""
+    chunk.pipeline_input = tensors[0] if isinstance(tensors, (list, tuple)) else tensors
+
+
+def configure_pipeline(chunks: Sequence[SparseUMMDiT], parallel, vpp: int = 1) -> None:
+    """Hooks and flags megatron's schedules and ``finalize_model_grads`` read, on every chunk's config.
+
+    The replicated ``time_text_embed`` parameters are tagged ``pipeline_parallel`` (their grads are
+    all-reduced over the PP group after the DP reduction, megatron's ``_allreduce_conditional_embedding_grads``),
+    ``shared_embedding`` (each gets its own DDP bucket, so under the distributed optimizer every PP stage
+    shards them identically over DP and the PP all-reduce sums matching shards) and, except on chunk 0,
+    ``shared`` (the grad norm counts one copy)."""
+    for chunk in chunks:
+        cfg = chunk.config
+        cfg.pipeline_dtype = chunk.params_dtype
+        cfg.variable_seq_lengths = True
+        cfg.has_cond_embedder = parallel.pp_size > 1
+        cfg.pipeline_model_parallel_size = parallel.pp_size
+        if vpp > 1:
+            cfg.virtual_pipeline_model_parallel_size = vpp
+            if parallel.pp_size == 2:  # batched p2p swaps tensors at PP = 2 with VPP (MEGATRON_CPU.md §4)
+                cfg.batch_p2p_comm = False
+        chunk.share_embeddings_and_output_weights = False  # finalize_model_grads asks the first/last stages
+        chunk.pipeline_input = None
+        chunk.set_input_tensor = lambda tensors, chunk=chunk: _set_input_tensor(chunk, tensors)
+        if parallel.pp_size > 1:
+            for p in chunk.time_text_embed.parameters():
+                p.pipeline_parallel = True
+                p.shared_embedding = True
+                p.shared = chunk.pipeline_replica != 0
+
+
+# ------------------------------------------------------------------------------------------- boundary tensor
+def stream_lengths(chunk: SparseUMMDiT, latents: torch.Tensor, text_len: int) -> tuple[int, int]:
+    """This rank's video / text token counts at a boundary (the model's SP and CP chunks)."""
+    cfg = chunk.suv_config
+    _, _, T, H, W = latents.shape
+    lv, lt = T * (H // cfg.patch_size) * (W // cfg.patch_size), text_len
+    div = chunk.cp.size * (chunk.tp.size if chunk.tp.sequence_parallel else 1)
+    return lv // div, lt // div
+
+
+def pack_state(state: StageState) -> torch.Tensor:
+    """``StageState`` -> ``[S_pack, B, D]`` (a fresh tensor: megatron frees sent outputs, not views)."""
+    parts = [state.x, state.y]
+    for xs, ys in state.skips:
+        parts += [xs, ys]
+    assert len({p.dtype for p in parts}) == 1, [p.dtype for p in parts]
+    return torch.cat(parts, dim=0)
+
+
+def unpack_state(packed: torch.Tensor, lengths: tuple[int, int], num_skips: int) -> StageState:
+    """Inverse of :func:`pack_state` (views of the received buffer, so gradients reach it)."""
+    lv, lt = lengths
+    assert packed.shape[0] == (1 + num_skips) * (lv + lt), (tuple(packed.shape), lengths, num_skips)
+    parts = torch.split(packed, [lv, lt] * (1 + num_skips), dim=0)
+    return StageState(parts[0], parts[1], [(parts[2 + 2 * i], parts[3 + 2 * i]) for i in range(num_skips)])
+
+
+def run_chunk(module, chunk: SparseUMMDiT, latents, timestep, text_hidden, text_mask, pooled, video_mask=None):
+    """One chunk's forward as megatron's ``forward_step`` calls it: ``module`` is the (DDP-wrapped) chunk.
+    Returns the velocity on the last chunk, the packed boundary tensor on the others."""
+    state = None
+    if not chunk.pre_process:
+        lengths = stream_lengths(chunk, latents, text_hidden.shape[-2])
+        state = unpack_state(chunk.pipeline_input, lengths, live_skips_at(chunk.suv_config, chunk.block_range[0]))
+    out = module(latents, timestep, text_hidden, text_mask, pooled, video_mask, stage_input=state)
+    return out if chunk.post_process else pack_state(out)
