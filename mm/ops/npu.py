@@ -43,10 +43,11 @@ def attention(q, k, v, key_mask=None, scale=None):
     if key_mask is None:
         return torch_npu.npu_fusion_attention(q, k, v, h, input_layout="BSND", scale=scale, keep_prob=1.0)[0]
     p = pack_keys(q, k, v, key_mask)
-    # host lists are the kernel's API: one device->host copy of B+1 ints per call
+    # host lists are the kernel's API: the query lengths are known on the host, the key lengths cost one
+    # device->host copy of B ints per call
     out = torch_npu.npu_fusion_attention(
         p.q, p.k, p.v, h, input_layout="TND", scale=scale, keep_prob=1.0,
-        actual_seq_qlen=p.cu_seqlens_q[1:].tolist(), actual_seq_kvlen=p.cu_seqlens_k[1:].tolist(),
+        actual_seq_qlen=list(range(sq, (b + 1) * sq, sq)), actual_seq_kvlen=p.cu_seqlens_k[1:].tolist(),
     )[0]
     return out.view(b, sq, h, v.shape[-1])  # [B*Sq, N, D] -> [B, Sq, N, D]
 

@@ -561,6 +561,8 @@ class Trainer:
                                           fallback=ck.fallback)
         if not with_optim:
             self._restart_optimizer_from_weights()
+        else:  # loaded param groups carry the saving run's kernel choice (fused/foreach): this device's wins
+            self.optimizer_kind = fuse_inner_optimizers(self.optimizer, self.device)
         if ck.finetune:
             logger.info("--finetune: weights of %s iteration %d; starting at iteration 0 with a fresh optimizer, "
                         "LR schedule and data order", root, it)

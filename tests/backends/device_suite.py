@@ -183,18 +183,26 @@ def check_train() -> dict:
     from tiny_workspace import tiny_trainer
 
     root = _workspace()
-    t = tiny_trainer({"model": str(root / "model.json"), "data": str(root / "data.json")}, iters=2, bf16=True,
-                     save=str(root / "ckpt"))
+    ws = {"model": str(root / "model.json"), "data": str(root / "data.json")}
+    t = tiny_trainer(ws, iters=2, bf16=True, save=str(root / "ckpt"))
     losses = [r.loss for r in t.train()]
     inner = t.optimizer.optimizer
     main = [p for grp in inner.param_groups for p in grp["params"]]
     where = {p.device.type for p in t.model.parameters()} | {p.device.type for p in main} | \
         {inner.state[p][EMA_KEY].device.type for p in main}
-    result = {"device": backend.device_name(), "losses": losses, "optimizer": t.optimizer_kind,
-              "tensor_devices": sorted(where), "checkpoint": str(root / "ckpt")}
     t.close()
-    _expect(all(math.isfinite(x) for x in losses), f"non-finite losses {losses}")
+    # resume for one more step: the optimizer state comes back on the device, with the device's kernel
+    resumed = tiny_trainer(ws, iters=3, bf16=True, save=str(root / "ckpt_resumed"), load=str(root / "ckpt"))
+    losses += [r.loss for r in resumed.train()]
+    result = {"device": backend.device_name(), "losses": losses, "optimizer": t.optimizer_kind,
+              "optimizer_after_resume": resumed.optimizer_kind, "tensor_devices": sorted(where),
+              "checkpoint": str(root / "ckpt")}
+    resumed.close()
+    _expect(len(losses) == 3 and all(math.isfinite(x) for x in losses), f"losses {losses}")
     _expect(where == {dev.type}, f"model/optimizer/EMA tensors not all on {dev.type}: {sorted(where)}")
+    if dev.type == "cuda":  # torch AdamW must run fused on CUDA (TE/apex FusedAdam are fused anyway)
+        _expect(all("foreach" not in k for k in (t.optimizer_kind, resumed.optimizer_kind)),
+                f"AdamW not fused on cuda: {t.optimizer_kind} / after resume {resumed.optimizer_kind}")
     return result
 
 
