@@ -59,9 +59,9 @@ def _errors(problems: list[str], rank: int) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", "0"))  # rank 0 reports progress; the others only warnings
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s", stream=sys.stdout)
+    from mm.logs import setup_logging
+
+    rank = setup_logging()  # rank 0 reports progress; the others only warnings
     from mm.config import ConfigErrors
     from mm.config_upstream import warn_inert_flags
     from mm.training.preflight import validate_training

@@ -269,10 +269,10 @@ def _check_model(spec: InferenceSpec, sampling: SamplingConfig, parallel: Parall
 
 
 def setup_logging() -> None:
-    """INFO on global rank 0, warnings elsewhere; every line names its rank."""
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    """INFO on global rank 0, warnings elsewhere; every line names its rank (the format of every entry point)."""
+    from mm.logs import setup_logging as setup
+
+    setup()
 
 
 def run(request: InferenceRequest, parallel=None):

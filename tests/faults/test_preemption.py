@@ -1,6 +1,7 @@
 """Preemption and hangs (issue 13 item 7): SIGTERM / SIGUSR1 save at the next step boundary and stop on
 every rank; --exit-interval / --exit-duration-in-mins stop with a checkpoint; a rank that makes no
-progress is ended by its watchdog naming the phase; workers exit when their torchrun agent is killed."""
+progress is ended by its watchdog naming the phase; workers exit when their torchrun agent is killed
+(that torchrun run also checks the quiet logs of item 9)."""
 
 from __future__ import annotations
 
@@ -106,7 +107,9 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(ws, tmp_path):
     err = open(tmp_path / "stderr", "w")
     agent = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
     try:
+        before = []
         for line in agent.stdout:  # until the workers train
+            before.append(line)
             if "iter      1/100000" in line:
                 break
         workers = psutil.Process(agent.pid).children()
@@ -123,3 +126,9 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(ws, tmp_path):
         err.close()
     # the first to notice names the cause; its peer may instead fail on the closed connection
     assert "is gone; exiting instead of training on as an orphan" in (tmp_path / "stderr").read_text()
+    # quiet logs (item 9): no megatron bucket dump, each library warning once (rank 0), one line format
+    log = "".join(before)
+    assert "Params for bucket" not in log and "[rank 1]" not in log
+    assert log.count("Falling back to Torch optimizers") == 1
+    assert before[0][:4].isdigit() and " [rank 0] " in before[0]
+    assert (tmp_path / "stderr").read_text().count("add_prefix_space") == 1  # rank 0 only
