@@ -1,46 +1,39 @@
-"""WFVAE encode/decode throughput and peak memory, temporally tiled vs untiled, on this CPU (spec §4.7).
+"""WFVAE encode/decode CPU time and working memory, temporally tiled and untiled (spec §4.7).
 
-The released architecture (depth, blocks, 32 latent channels) at a reduced channel width, random
-weights, fp32:
+Every case (encode/decode x untiled/tiled) runs once in a fresh child process with one thread, on a
+model with seeded random weights (every non-Haar tensor drawn from one generator in sorted-key order,
+so any implementation with the released key set gets the same weights) and a seeded input:
 
-* throughput = batch x frames (pixel frames in or out) / the fastest of ``--repeats`` calls, after one
-  untimed warm-up call per variant (oneDNN builds and caches kernels per shape), tiled and untiled
-  calls interleaved so that background load hits both alike;
-* peak memory, in a child process started with glibc's mmap threshold lowered
-  (``MALLOC_MMAP_THRESHOLD_``) so activation buffers are mapped fresh and unmapped when freed and one
-  variant's heap cannot hide another's peak (not in the timing process: the page faults cost time):
-  after a warm-up call, the working memory of one call = its peak RSS minus the RSS just before it
-  (model, input and kernel caches resident) minus the size of the tensor it returns, which both modes
-  must hold. The kernel's peak counter is reset through ``/proc/self/clear_refs`` before that call.
+* ``cpu_s``: process CPU time of the call (``time.process_time``; with one thread it is hardly affected
+  by other load on the machine, unlike wall time);
+* ``working_mb``: peak RSS during the call minus the RSS just before it (model built, input made, peak
+  counter reset through ``/proc/self/clear_refs``); it includes the returned tensor.
 
-Tiled working memory is bounded by the largest chunk (encode: 8 frames, decode: 4 latents + 1
-look-ahead, plus the carried context) and stays flat as frames grow; untiled grows with the frame
-count. The default batch is 2 because with batch 1 PyTorch's CPU conv3d switches to an im2col kernel
-(about 27x the input in scratch memory, and 2x slower) whenever channels x frames x height <= 20480,
-which the short chunks of a reduced-width model hit; that CPU-only artefact would dominate the tiled
-numbers (``--batch 1`` shows it). GPUs do not have it. Prints a table; the last line is one JSON
-object: ``{"bench": "wfvae", "frames": [F1, F2], "encode_fps": {"tiled": [..], "untiled": [..]},
-"decode_fps": {...}, "peak_mb": {"tiled": [m1, m2], "untiled": [m1, m2]}}`` where ``peak_mb`` is the
-larger of the encode and decode working memories.
+``--released-dims`` uses the released widths (base 160, energy flow 128); the default is a reduced width
+(``--base-channels``) for a quick run. ``--baseline DIR`` runs every case a second time with the ``mm``
+package found in DIR (another version of this project, e.g. ``git archive <rev> mm | tar -x -C DIR``)
+and prints ours / baseline ratios and the largest absolute difference of the outputs (parity). Prints a
+table and the machine's load average; the last line is one JSON object
+``{"bench": "wfvae", "size": S, "frames": T, "cases": {"encode_untiled": {"cpu_s": .., "working_mb": ..},
+"encode_tiled": .., "decode_untiled": .., "decode_tiled": ..}}`` (plus ``"baseline"`` and ``"max_abs_diff"``
+with ``--baseline``), also written to ``--out`` when given.
 
-    python bench/wfvae.py [--frames 41 121] [--size 96] [--base-channels 16] [--batch 2] [--repeats 2]
+    python bench/wfvae.py --released-dims --size 256 --frames 33 [--baseline DIR] [--out FILE]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import torch  # noqa: E402
-
-OPS = ("encode", "decode")
-MODES = ("untiled", "tiled")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CASES = ("encode_untiled", "encode_tiled", "decode_untiled", "decode_tiled")
 
 
 def _rss_mb(field: str) -> float:
@@ -56,131 +49,149 @@ def _reset_peak_rss() -> None:
         f.write("5")  # resets VmHWM to the current RSS
 
 
-def _working_mb(run, data) -> float:
+def _config(args: argparse.Namespace) -> dict:
+    from mm.models.wfvae import released_wfvae_config
+
+    config = released_wfvae_config()
+    if not args.released_dims:
+        width = args.base_channels
+        config.update(base_channels=width, encoder_energy_flow_hidden_size=width, decoder_energy_flow_hidden_size=width)
+    return config
+
+
+def _seeded_weights(vae) -> None:
+    """Overwrite every learned tensor with seeded values (fan-in scaled); Haar kernels stay as they are."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, t in sorted(vae.state_dict().items()):
+            if "wavelet" in name:
+                continue
+            if t.ndim > 1:
+                t.copy_(torch.randn(t.shape, generator=g) / math.sqrt(t[0].numel()))
+            elif name.endswith("norm.weight"):
+                t.copy_(1 + 0.1 * torch.randn(t.shape, generator=g))
+            else:
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+
+
+def _child(args: argparse.Namespace) -> None:
+    """One case in this process: build, make the input, measure one call; prints one JSON line."""
+    sys.path.insert(0, args.root)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from mm.ops import select_backend
+
+    select_backend("cpu", patch_megatron=False)  # the VAE needs no megatron
+    from mm.models.wfvae import WFVAE
+
+    vae = WFVAE.from_upstream(_config(args))
+    _seeded_weights(vae)
+    op, mode = args.child.split("_")
+    vae.use_tiling = mode == "tiled"
+    g = torch.Generator().manual_seed(1)
+    if op == "encode":
+        data, run = torch.rand(args.batch, 3, args.frames, args.size, args.size, generator=g) * 2 - 1, vae.encode
+    else:
+        t, h, w = vae.latent_size(args.frames, args.size, args.size)
+        data, run = torch.randn(args.batch, 32, t, h, w, generator=g), vae.decode
     before = _rss_mb("VmRSS")
     _reset_peak_rss()
+    wall, cpu = time.perf_counter(), time.process_time()
     out = run(data)
-    return _rss_mb("VmHWM") - before - out.numel() * out.element_size() / 2**20
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    working = _rss_mb("VmHWM") - before
+    if args.save:
+        torch.save(out.contiguous(), args.save)
+    print(json.dumps({"cpu_s": round(cpu, 3), "wall_s": round(wall, 3), "working_mb": round(working, 1)}))
 
 
-def _inputs(vae, op: str, frames: int, args: argparse.Namespace):
-    torch.manual_seed(1)
-    if op == "encode":
-        return torch.rand(args.batch, 3, frames, args.size, args.size) * 2 - 1, vae.encode
-    t, h, w = vae.latent_size(frames, args.size, args.size)
-    return torch.randn(args.batch, 32, t, h, w), vae.decode
-
-
-def measure_speed(vae, op: str, frames: int, args: argparse.Namespace) -> dict:
-    """{mode: frames/s} for one operation and frame count."""
-    data, run = _inputs(vae, op, frames, args)
-    times: dict[str, list[float]] = {mode: [] for mode in MODES}
-    for mode in MODES:
-        vae.use_tiling = mode == "tiled"
-        run(data)
-    for _ in range(args.repeats):
-        for mode in MODES:
-            vae.use_tiling = mode == "tiled"
-            start = time.perf_counter()
-            run(data)
-            times[mode].append(time.perf_counter() - start)
-    return {mode: args.batch * frames / min(times[mode]) for mode in MODES}
-
-
-def measure_memory(vae, op: str, frames: int, args: argparse.Namespace) -> dict:
-    """{mode: working MB} for one operation and frame count (run in the memory child process)."""
-    data, run = _inputs(vae, op, frames, args)
-    result = {}
-    for mode in MODES:
-        vae.use_tiling = mode == "tiled"
-        run(data)
-        result[mode] = _working_mb(run, data)
-    return result
-
-
-def _memory_child(args: argparse.Namespace) -> dict:
+def _run_case(args: argparse.Namespace, case: str, root: str, save: str | None) -> dict:
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--memory-child", "--frames", *map(str, args.frames),
-        "--size", str(args.size), "--base-channels", str(args.base_channels), "--batch", str(args.batch),
-        "--threads", str(args.threads), "--backend", args.backend,
+        sys.executable, os.path.abspath(__file__), "--child", case, "--root", root, "--size", str(args.size),
+        "--frames", str(args.frames), "--base-channels", str(args.base_channels), "--batch", str(args.batch),
+        "--threads", str(args.threads),
     ]  # fmt: skip
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    if args.released_dims:
+        cmd.append("--released-dims")
+    if save:
+        cmd += ["--save", save]
+    threads = str(args.threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _build(args: argparse.Namespace):
-    from mm.ops import select_backend
+def _max_abs_diff(a: str, b: str) -> float:
+    import torch
 
-    select_backend(args.backend, patch_megatron=False)  # the VAE needs no megatron
-    from mm.models.wfvae import WFVAE, released_wfvae_config
-
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    width = args.base_channels
-    config = {
-        **released_wfvae_config(),
-        "base_channels": width,
-        "encoder_energy_flow_hidden_size": width,
-        "decoder_energy_flow_hidden_size": width,
-    }
-    return WFVAE.from_upstream(config)
+    return float((torch.load(a) - torch.load(b)).abs().max())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--frames", type=int, nargs=2, default=[41, 121], help="two frame counts (8n+1)")
-    parser.add_argument("--size", type=int, default=96, help="frame height = width in pixels (multiple of 8)")
-    parser.add_argument("--base-channels", type=int, default=16, help="reduced width (released: 160)")
-    parser.add_argument("--batch", type=int, default=2, help="videos per call (see the docstring for 1)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed calls per variant")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--backend", default="cpu")
-    parser.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--released-dims", action="store_true", help="released widths (base 160, energy flow 128)")
+    parser.add_argument("--base-channels", type=int, default=16, help="reduced width when not --released-dims")
+    parser.add_argument("--size", type=int, default=256, help="frame height = width in pixels (multiple of 8)")
+    parser.add_argument("--frames", type=int, default=33, help="frames T (8n+1)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
+    parser.add_argument("--baseline", help="directory holding another version's mm package, compared as ratios")
+    parser.add_argument("--out", help="also write the JSON summary to this file")
+    parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
-    vae = _build(args)
-    if args.memory_child:
-        memory = {f"{op} {f}": measure_memory(vae, op, f, args) for op in OPS for f in args.frames}
-        print(json.dumps(memory))
+    if args.child:
+        _child(args)
         return
-    speed = {(op, f): measure_speed(vae, op, f, args) for op in OPS for f in args.frames}
-    memory = _memory_child(args)
-    results = {
-        key: {mode: {"fps": speed[key][mode], "peak_mb": memory[f"{key[0]} {key[1]}"][mode]} for mode in MODES}
-        for key in speed
-    }
-    width = args.base_channels
 
-    print(f"WFVAE released depth, base width {width}, batch {args.batch} x {args.size}x{args.size}, fp32, "
-          f"{args.threads} threads, default chunks (encode 8 frames, decode 4 latents)")  # fmt: skip
-    header = (
-        f"{'op':>6} | {'frames':>6} | {'untiled fps':>11} | {'tiled fps':>9} | {'speed':>5} | "
-        f"{'untiled MB':>10} | {'tiled MB':>8} | {'mem':>5}"
-    )
+    results, baseline, diffs = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in args.cases:
+            ours_out = os.path.join(tmp, f"{case}_ours.pt") if args.baseline else None
+            results[case] = _run_case(args, case, ROOT, ours_out)
+            if args.baseline:
+                base_out = os.path.join(tmp, f"{case}_base.pt")
+                baseline[case] = _run_case(args, case, os.path.abspath(args.baseline), base_out)
+                diffs[case] = _max_abs_diff(ours_out, base_out)
+                os.remove(ours_out)
+                os.remove(base_out)
+
+    dims = "released dims (base 160, energy flow 128)" if args.released_dims else f"base width {args.base_channels}"
+    print(f"WFVAE {dims}, {args.batch}x3x{args.frames}x{args.size}x{args.size}, fp32, {args.threads} thread(s), "
+          f"one fresh process per case; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")  # fmt: skip
+    header = f"{'case':>15} | {'cpu s':>8} | {'wall s':>8} | {'working MB':>10}"
+    if args.baseline:
+        header += f" | {'base cpu s':>10} | {'base MB':>8} | {'cpu ratio':>9} | {'MB ratio':>8} | {'max |diff|':>10}"
     print(header)
     print("-" * len(header))
-    for op in OPS:
-        for f in args.frames:
-            u, t = results[(op, f)]["untiled"], results[(op, f)]["tiled"]
-            print(
-                f"{op:>6} | {f:>6} | {u['fps']:11.2f} | {t['fps']:9.2f} | {t['fps'] / u['fps']:5.2f} | "
-                f"{u['peak_mb']:10.1f} | {t['peak_mb']:8.1f} | {t['peak_mb'] / max(u['peak_mb'], 1e-9):5.2f}"
+    for case in args.cases:
+        r = results[case]
+        line = f"{case:>15} | {r['cpu_s']:8.2f} | {r['wall_s']:8.2f} | {r['working_mb']:10.1f}"
+        if args.baseline:
+            b = baseline[case]
+            line += (
+                f" | {b['cpu_s']:10.2f} | {b['working_mb']:8.1f} | {r['cpu_s'] / b['cpu_s']:9.2f} | "
+                f"{r['working_mb'] / max(b['working_mb'], 1e-9):8.2f} | {diffs[case]:10.2e}"
             )
-    print("(speed = tiled fps / untiled fps; MB = working memory above model + input, output excluded; "
-          "mem = tiled MB / untiled MB)")  # fmt: skip
-
-    def per_mode(op: str, key: str, digits: int) -> dict:
-        return {m: [round(results[(op, f)][m][key], digits) for f in args.frames] for m in ("tiled", "untiled")}
-
-    encode_mb, decode_mb = per_mode("encode", "peak_mb", 1), per_mode("decode", "peak_mb", 1)
+        print(line)
     summary = {
         "bench": "wfvae",
-        "frames": list(args.frames),
-        "encode_fps": per_mode("encode", "fps", 3),
-        "decode_fps": per_mode("decode", "fps", 3),
-        "peak_mb": {m: [max(e, d) for e, d in zip(encode_mb[m], decode_mb[m])] for m in ("tiled", "untiled")},
+        "size": args.size,
+        "frames": args.frames,
+        "cases": {c: {"cpu_s": results[c]["cpu_s"], "working_mb": results[c]["working_mb"]} for c in args.cases},
     }
+    if args.baseline:
+        summary["baseline"] = {c: {"cpu_s": baseline[c]["cpu_s"], "working_mb": baseline[c]["working_mb"]} for c in args.cases}
+        summary["max_abs_diff"] = diffs
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
     print(json.dumps(summary))
 
 

@@ -7,9 +7,16 @@ Every block takes ``(x, stream=None)`` with x ``[B, C, T, H, W]``. ``stream`` (s
 it. Module and parameter names follow the released checkpoint (spec §4.8): causal convs keep their
 ``nn.Conv3d`` under ``.conv``, 2-D convs are plain ``nn.Conv2d`` subclasses, norms keep their
 ``nn.LayerNorm`` under ``.norm``.
+
+Memory: activations stay contiguous [B, C, T, H, W]; without autograd a norm + SiLU is written frame
+by frame straight into the padded input buffer of the convolution that follows it, residual sums are
+added in place into the convolution output, and blocks drop an activation before the next
+convolution runs, so a resnet block holds at most its input, one padded activation and one output.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +25,17 @@ from torch import nn
 
 import mm.ops
 from mm.models.vae_streaming import Stream, causal_pad
+from mm.ops.conv3d import conv3d
 
 NORM_EPS = 1e-6
 
 
 class CausalConv3d(nn.Module):
-    """Conv3d with replicate-first-frame temporal padding (``kernel - 1`` frames) or carried context."""
+    """Conv3d with replicate-first-frame temporal padding (``kernel - 1`` frames) or carried context.
+
+    ``pad`` and ``convolve`` are the two halves of ``forward``; blocks call them separately so that an
+    activation can be written straight into the padded buffer (``activated_input``).
+    """
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0, bias: bool = True
@@ -36,19 +48,37 @@ class CausalConv3d(nn.Module):
             in_channels, out_channels, kernel_size, stride=stride, padding=(0, padding, padding), bias=bias
         )
 
+    def pad(
+        self,
+        x: torch.Tensor,
+        stream: Stream | None = None,
+        pad_hw_end: int = 0,
+        write: Callable[[torch.Tensor], None] | None = None,
+    ) -> torch.Tensor:
+        """The conv's input: x with its temporal left context (``pad_hw_end``, ``write``: see causal_pad)."""
+        if self.kernel_t == 1 and not pad_hw_end and write is None:
+            return x
+        return causal_pad(x, self.kernel_t, self.stride_t, self, stream, pad_hw_end=pad_hw_end, write=write)
+
+    def convolve(self, padded: torch.Tensor) -> torch.Tensor:
+        return conv3d(padded, self.conv.weight, self.conv.bias, self.conv.stride, self.conv.padding)
+
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        if self.kernel_t > 1:
-            x = causal_pad(x, self.kernel_t, self.stride_t, owner=self, stream=stream)
-        return self.conv(x)
+        return self.convolve(self.pad(x, stream))
 
 
 class FrameConv2d(nn.Conv2d):
-    """Conv2d applied to every frame independently (no temporal reach)."""
+    """Conv2d applied to every frame independently (no temporal reach).
+
+    Computed as a conv3d with a (1, kh, kw) kernel on the [B, C, T, H, W] layout: the same sums as the
+    2-D convolution on [(B T), C, H, W] (bitwise on CPU, mm.ops.conv3d) without the two layout copies.
+    """
+
+    def convolve(self, x: torch.Tensor) -> torch.Tensor:
+        return conv3d(x, self.weight.unsqueeze(2), self.bias, (1, *self.stride), (0, *self.padding))
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        frames = x.shape[2]
-        y = super().forward(rearrange(x, "b c t h w -> (b t) c h w"))
-        return rearrange(y, "(b t) c h w -> b c t h w", t=frames)
+        return self.convolve(x)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -58,10 +88,51 @@ class ChannelLayerNorm(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(channels, eps=NORM_EPS)
 
+    def _normalise(self, x_channels_last: torch.Tensor) -> torch.Tensor:
+        return mm.ops.layer_norm(x_channels_last, self.norm.weight, self.norm.bias, self.norm.eps)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # [B, C, T, H, W] -> [B, T, H, W, C] -> back
-        y = mm.ops.layer_norm(x.movedim(1, -1), self.norm.weight, self.norm.bias, self.norm.eps)
-        return y.movedim(-1, 1).contiguous()
+        return self._normalise(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+
+    def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Write ``SiLU(norm(x))`` into ``out`` ([B, C, T, H, W], any strides) one frame at a time.
+
+        The same per-position arithmetic as ``F.silu(forward(x))``, but the only activation-sized
+        tensor is ``out`` (the whole-tensor path holds a channels-last copy of x, the norm's output and
+        its contiguous copy at once). No autograd.
+        """
+        for t in range(x.shape[2]):
+            y = self._normalise(x[:, :, t].movedim(1, -1))  # [B, C, H, W] -> [B, H, W, C]
+            out[:, :, t] = F.silu(y, inplace=True).movedim(-1, 1)
+
+
+def activated_input(
+    norm: ChannelLayerNorm,
+    conv: CausalConv3d | FrameConv2d,
+    x: torch.Tensor,
+    stream: Stream | None = None,
+    dropout: nn.Dropout | None = None,
+) -> torch.Tensor:
+    """``dropout(SiLU(norm(x)))`` laid out as ``conv.convolve`` takes it (causally padded for a causal conv).
+
+    Without autograd (the frozen VAE) it is written straight into the convolution's input buffer, so
+    that besides x that buffer is the only activation-sized tensor.
+    """
+    if torch.is_grad_enabled() or (dropout is not None and dropout.training and dropout.p > 0):
+        h = F.silu(norm(x))
+        h = dropout(h) if dropout is not None else h
+        return conv.pad(h, stream) if isinstance(conv, CausalConv3d) else h
+    if isinstance(conv, CausalConv3d):
+        return conv.pad(x, stream, write=lambda slot: norm.silu_into(x, slot))
+    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    norm.silu_into(x, h)
+    return h
+
+
+def _add_residual(h: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+    """``shortcut + h``, in place on the fresh convolution output h unless autograd records it."""
+    return h.add_(shortcut) if not h.requires_grad else shortcut + h
 
 
 class ResnetBlock2D(nn.Module):
@@ -77,9 +148,10 @@ class ResnetBlock2D(nn.Module):
         self.nin_shortcut = FrameConv2d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        h = self.conv1.convolve(activated_input(self.norm1, self.conv1, x))
+        h = activated_input(self.norm2, self.conv2, h, dropout=self.dropout)  # conv1's output is freed here
+        h = self.conv2.convolve(h)
+        return _add_residual(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class ResnetBlock3D(nn.Module):
@@ -95,9 +167,10 @@ class ResnetBlock3D(nn.Module):
         self.nin_shortcut = CausalConv3d(in_channels, out_channels, kernel_size=1) if in_channels != out_channels else None
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)), stream)
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))), stream)
-        return (x if self.nin_shortcut is None else self.nin_shortcut(x)) + h
+        h = self.conv1.convolve(activated_input(self.norm1, self.conv1, x, stream))
+        h = activated_input(self.norm2, self.conv2, h, stream, self.dropout)  # conv1's output is freed here
+        h = self.conv2.convolve(h)
+        return _add_residual(h, x if self.nin_shortcut is None else self.nin_shortcut(x))
 
 
 class AttentionBlock(nn.Module):
@@ -118,7 +191,7 @@ class AttentionBlock(nn.Module):
         q, k, v = (rearrange(proj(h), "b c t h w -> (b t) (h w) 1 c") for proj in (self.q, self.k, self.v))
         out = mm.ops.attention(q, k, v)
         out = rearrange(out, "(b t) (h w) 1 c -> b c t h w", b=batch, h=height)
-        return x + self.proj_out(out)
+        return _add_residual(self.proj_out(out), x)
 
 
 class Downsample3D(nn.Module):
@@ -129,7 +202,8 @@ class Downsample3D(nn.Module):
         self.conv = CausalConv3d(in_channels, out_channels, kernel_size=3, stride=2, padding=0)
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)), stream)
+        # one copy for both paddings (temporal context in front, one zero row/column after H, W)
+        return self.conv.convolve(self.conv.pad(x, stream, pad_hw_end=1))
 
 
 def _upsample_time(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +223,11 @@ class CausalUpsample3D(nn.Module):
     T -> 2T - 1 frames. Streaming: the cache holds the last committed frame of the rest sequence (none
     yet: an empty tensor); a chunk prepends it, interpolates, and drops the two output frames that
     belong to that carried frame. The right neighbour of a chunk's last frame is its look-ahead frame.
+
+    The spatial 2x interpolation acts on every frame alone (its temporal weight is exactly 1 on the
+    frame itself), so the frames are assembled and the conv's causal context is prepended at the input
+    resolution and the whole padded sequence is upsampled once: the conv input is the only tensor at
+    the output resolution (no concatenation or padding copy of it), bitwise equal to upsampling first.
     """
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -159,17 +238,16 @@ class CausalUpsample3D(nn.Module):
         xf = x.float()
         first_chunk = stream is None or not stream.cache.has(self)
         if first_chunk:
-            parts = [_upsample_space(xf[:, :, :1])]
+            frames = xf[:, :, :1]
             if xf.shape[2] > 1:
-                parts.append(_upsample_space(_upsample_time(xf[:, :, 1:])))
-            out = torch.cat(parts, dim=2)
+                frames = torch.cat([frames, _upsample_time(xf[:, :, 1:])], dim=2)
         else:
             carried = stream.cache.get(self)
             if carried.shape[2]:
                 # the two outputs of the carried frame were emitted by the previous chunk
-                out = _upsample_space(_upsample_time(torch.cat([carried, xf], dim=2))[:, :, 2:])
+                frames = _upsample_time(torch.cat([carried, xf], dim=2))[:, :, 2:]
             else:
-                out = _upsample_space(_upsample_time(xf))
+                frames = _upsample_time(xf)
         if stream is not None:
             committed = xf.shape[2] - stream.lookahead
             assert committed >= 1, (xf.shape[2], stream.lookahead)
@@ -177,4 +255,6 @@ class CausalUpsample3D(nn.Module):
             carry_start = max(committed - 1, 1) if first_chunk else committed - 1
             stream.cache.set(self, xf[:, :, carry_start:committed].clone())
             stream = stream.upsampled()
-        return self.conv(out.to(x.dtype), stream)
+        # [B, C, 2T - 1 (first chunk) or 2T, H, W] -> padded at input resolution -> [.., 2H, 2W]
+        padded = _upsample_space(self.conv.pad(frames, stream))
+        return self.conv.convolve(padded.to(x.dtype))

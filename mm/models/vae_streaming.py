@@ -26,6 +26,7 @@ kernel with ~27x memory for short inputs, so a tiny trailing chunk would cost mo
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,25 +62,47 @@ class Stream:
         return Stream(self.cache, self.lookahead * factor)
 
 
-def replicate_first_frame(x: torch.Tensor, count: int) -> torch.Tensor:
-    """``count`` copies of the first frame. x [B, C, T, H, W] -> [B, C, count, H, W]."""
-    return x[:, :, :1].expand(-1, -1, count, -1, -1)
-
-
 def causal_pad(
-    x: torch.Tensor, kernel_t: int, stride_t: int, owner: nn.Module, stream: Stream | None
+    x: torch.Tensor,
+    kernel_t: int,
+    stride_t: int,
+    owner: nn.Module,
+    stream: Stream | None,
+    pad_hw_end: int = 0,
+    write: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Prepend the temporal left context of a causal conv and update the owner's cache entry.
 
     Without a stream, and on the first chunk of a stream, the context is ``kernel_t - 1`` copies of the
     first frame (replicate-first-frame padding, spec §4.2). Later chunks use the frames carried from
-    the previous chunk instead. x [B, C, T, H, W] -> [B, C, context + T, H, W].
+    the previous chunk instead. ``pad_hw_end`` zero rows/columns are appended after H and W in the same
+    copy (the downsample's spatial padding; carried frames already hold them). With ``write``, the
+    frames are not copied from x: ``write(slot)`` fills their slot of the buffer (x gives only shape,
+    dtype and device), so a producer such as a norm can write its output straight into place.
+    x [B, C, T, H, W] -> contiguous [B, C, context + T, H + pad_hw_end, W + pad_hw_end]; x itself when
+    there is nothing to add.
     """
-    if stream is None or not stream.cache.has(owner):
-        context = replicate_first_frame(x, kernel_t - 1)
+    batch, channels, frames, height, width = x.shape
+    carried = stream.cache.get(owner) if stream is not None and stream.cache.has(owner) else None
+    context = kernel_t - 1 if carried is None else carried.shape[2]
+    if context == 0 and pad_hw_end == 0 and write is None:
+        padded = x
     else:
-        context = stream.cache.get(owner)
-    padded = torch.cat([context, x], dim=2) if context.shape[2] else x
+        # one buffer written once, instead of a concatenation (and a separate spatial pad)
+        shape = (batch, channels, context + frames, height + pad_hw_end, width + pad_hw_end)
+        padded = x.new_empty(shape)
+        if pad_hw_end:
+            padded[:, :, :, height:].zero_()
+            padded[:, :, :, :height, width:].zero_()
+        slot = padded[:, :, context:, :height, :width]
+        if write is not None:
+            write(slot)
+        else:
+            slot.copy_(x)
+        if carried is not None:
+            padded[:, :, :context] = carried
+        else:
+            padded[:, :, :context, :height, :width] = slot[:, :, :1]
     if stream is not None:
         committed = padded.shape[2] - stream.lookahead
         complete_windows = (committed - kernel_t) // stride_t + 1

@@ -29,6 +29,7 @@ from mm.models.vae_layers import (
     FrameConv2d,
     ResnetBlock2D,
     ResnetBlock3D,
+    activated_input,
 )
 from mm.models.vae_streaming import Stream
 from mm.models.wavelet import HaarWaveletTransform3D, InverseHaarWaveletTransform3D
@@ -103,7 +104,8 @@ class Encoder(nn.Module):
     def forward_latent(self, h: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         """The latent-resolution part: mid blocks (attention over the whole frame) and output head."""
         h, _ = _run(self.mid, h, stream)  # [B, 640, 16, 72, 128]
-        return self.conv_out(F.silu(self.norm_out(h)), stream)  # [B, 64, 16, 72, 128]
+        h = activated_input(self.norm_out, self.conv_out, h, stream)  # the mid output is freed here
+        return self.conv_out.convolve(h)  # [B, 64, 16, 72, 128]
 
 
 class Decoder(nn.Module):
@@ -172,11 +174,12 @@ class Decoder(nn.Module):
         ef = self.energy_flow_hidden_size
         h, stream2 = _run(self.up2, h, stream)  # [B, 768, 31, 144, 256]
         l1_coeffs, _ = _run(self.connect_l1, h[:, -ef:], stream2)  # [B, 24, 31, 144, 256]
-        l1_coeffs = torch.cat([l1_coeffs[:, :RGB] + l2, l1_coeffs[:, RGB:]], dim=1)  # low band into LLL slot
+        l1_coeffs[:, :RGB] += l2  # low band into the LLL slot (in place: l1_coeffs is a fresh conv output)
         l1 = self.inverse_wavelet_transform_l2(l1_coeffs, stream2)  # [B, 3, 61, 288, 512]
 
         h, stream4 = _run(self.up1, h[:, :-ef], stream2)  # [B, 320, 61, 288, 512]
         h, _ = _run(self.layer, h, stream4)  # [B, 160, 61, 288, 512]
-        h = self.conv_out(F.silu(self.norm_out(h)))  # [B, 24, 61, 288, 512]
-        h = torch.cat([h[:, :RGB] + l1, h[:, RGB:]], dim=1)
+        h = activated_input(self.norm_out, self.conv_out, h)
+        h = self.conv_out.convolve(h)  # [B, 24, 61, 288, 512]
+        h[:, :RGB] += l1
         return self.inverse_wavelet_transform_out(h, stream4)  # [B, 3, 121, 576, 1024]
