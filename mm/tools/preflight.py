@@ -296,8 +296,14 @@ def main(argv=None) -> int:
         rows += check_samples(data_cfg, args.sample_videos)
         need = (run.checkpoint.keep_last + 1) * checkpoint_bytes(facts.total_params, run.training.bf16)
         rows += check_disk(run.checkpoint.save, need)
-    rows += check_shared_fs(run.checkpoint.save if run is not None else None, leader)
-    if run is not None:
+    rows += check_shared_fs(os.path.abspath(args.save) if args.save else None, leader)
+    # the collectives need every rank: run them only when the configuration is valid on all of them (a node
+    # that cannot see an input must not leave the others waiting in a group it never joins)
+    import torch
+
+    valid = torch.tensor([int(run is not None)], device=backend.local_device())  # NCCL reduces device tensors
+    dist.all_reduce(valid, op=dist.ReduceOp.MIN)
+    if valid.item():
         rows += check_collectives(run, backend, args.comm_mb)
     gathered = [None] * world
     dist.all_gather_object(gathered, (host, rows))
