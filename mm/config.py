@@ -106,6 +106,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     encoder_data_parallel: bool = False
     distributed_timeout_minutes: float = 30.0  # world-group timeout (megatron default)
+    # blocks per pipeline chunk in virtual-stage order (PP x VPP entries); None: the skiparse cost model's cut
+    pipeline_stage_blocks: list[int] | None = None
 
     def __post_init__(self):
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -120,6 +122,11 @@ class ParallelConfig:
         check(not self.encoder_data_parallel or self.pipeline_model_parallel_size == 1, "encoder_data_parallel",
               self.encoder_data_parallel, "False when pipeline_model_parallel_size > 1 (spec §7.3)")
         check_positive("distributed_timeout_minutes", self.distributed_timeout_minutes)
+        b = self.pipeline_stage_blocks
+        chunks = self.pipeline_model_parallel_size * (v or 1)
+        check(b is None or (isinstance(b, (list, tuple)) and len(b) == chunks
+                            and all(isinstance(n, int) and n >= 1 for n in b)), "pipeline_stage_blocks", b,
+              f"None or {chunks} block counts >= 1 (one per pipeline chunk: PP x VPP)")
 
     @property
     def model_parallel_size(self) -> int:

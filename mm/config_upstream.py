@@ -315,6 +315,11 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP size (divides the heads)")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="interleaved pipeline: model chunks per PP rank (megatron's flag)")
+    g.add_argument("--pipeline-stage-blocks", default=None, metavar="N,N,...",
+                   help="SUV blocks per pipeline chunk in stage order (PP x VPP counts summing to the blocks); "
+                        "default: balanced by a skiparse-aware cost model at the data's sequence length")
     g.add_argument("--context-parallel-size", type=int, default=1, help="Ulysses CP size")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel over the TP group")
     g.add_argument("--encoder-dp", action="store_true",
@@ -400,6 +405,16 @@ def warn_inert_flags(args: argparse.Namespace) -> list[str]:
     return used
 
 
+def _stage_blocks_flag(text: str | None) -> list[int] | None:
+    """``--pipeline-stage-blocks 6,10,10,6`` -> ``[6, 10, 10, 6]`` (ValueError naming the value otherwise)."""
+    if text is None:
+        return None
+    try:
+        return [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--pipeline-stage-blocks {text!r}: expected comma-separated block counts, e.g. 6,10,10,6")
+
+
 def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig:
     """Megatron-style flags -> ``RunConfig``. Every bad value, and the world size / batch divisibility,
     is reported in one pass: ``ConfigErrors`` with one message per problem."""
@@ -414,6 +429,8 @@ def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig
     part("parallel", lambda: ParallelConfig(
             tensor_model_parallel_size=args.tensor_model_parallel_size,
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+            pipeline_stage_blocks=_stage_blocks_flag(args.pipeline_stage_blocks),
             context_parallel_size=args.context_parallel_size,
             sequence_parallel=args.sequence_parallel,
             encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),

@@ -5,7 +5,8 @@ moves one tensor per boundary, so everything that crosses a boundary is packed i
 tensor: ``[x ; y ; xs_0 ; ys_0 ; ...]`` along the sequence dim, ``[S_pack, B, D]`` with
 ``S_pack = (1 + live skips) * (Lv' + Lt')`` (this rank's SP/CP chunk lengths). The live long skips ride
 through the stages in between; ``torch.cat`` routes their gradients back to the producing stage. The shape
-changes with the boundary and the bucket, so ``variable_seq_lengths`` is on (shapes are exchanged first).
+changes with the boundary and the bucket, so ``variable_seq_lengths`` is on (shapes are exchanged first);
+the interleaved schedule takes one shape, so there every boundary is zero-padded to the longest one.
 
 * :func:`block_costs` / :func:`balanced_stage_blocks`: stage cuts from a cost model that knows skiparse
   (per block: linear FLOPs + attention FLOPs at sparsity k, from ``mm.training.metrics``) at the run's
@@ -24,6 +25,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from mm.models.sparse_ummdit import SparseUMMDiT, StageState, live_skips_at
 from mm.models.suv_config import SUVConfig
@@ -64,17 +66,6 @@ def balanced_stage_blocks(costs: Sequence[float], num_chunks: int) -> list[int]:
         sizes.append(i - s)
         i = s
     return sizes[::-1]
-
-
-def parse_stage_blocks(text: str) -> list[int]:
-    """``"6,10,10,6"`` -> ``[6, 10, 10, 6]`` (ValueError naming the value otherwise)."""
-    try:
-        sizes = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"--pipeline-stage-blocks {text!r}: expected comma-separated block counts, e.g. 6,10,10,6")
-    if any(v < 1 for v in sizes):
-        raise ValueError(f"--pipeline-stage-blocks {text!r}: every chunk needs at least 1 block")
-    return sizes
 
 
 def resolve_stage_blocks(cfg: SUVConfig, num_chunks: int, explicit: Sequence[int] | None,
@@ -142,9 +133,13 @@ def configure_pipeline(chunks: Sequence[SparseUMMDiT], parallel, vpp: int = 1) -
     for chunk in chunks:
         cfg = chunk.config
         cfg.pipeline_dtype = chunk.params_dtype
-        cfg.variable_seq_lengths = True
+        # 1F1B: exact boundary shapes, exchanged before each p2p. Interleaved: one shape for every boundary
+        # (the schedule's seq_length, :func:`schedule_seq_length`), the packed tensor zero-padded to it; its
+        # batched shape exchange would also swap shapes at PP = 2, where the previous and next rank coincide.
+        cfg.variable_seq_lengths = vpp == 1
         cfg.has_cond_embedder = parallel.pp_size > 1
         cfg.pipeline_model_parallel_size = parallel.pp_size
+        cfg.microbatch_group_size_per_vp_stage = parallel.pp_size  # megatron's default (set at PP = 1 before)
         if vpp > 1:
             cfg.virtual_pipeline_model_parallel_size = vpp
             if parallel.pp_size == 2:  # batched p2p swaps tensors at PP = 2 with VPP (MEGATRON_CPU.md §4)
@@ -179,19 +174,39 @@ def pack_state(state: StageState) -> torch.Tensor:
 
 
 def unpack_state(packed: torch.Tensor, lengths: tuple[int, int], num_skips: int) -> StageState:
-    """Inverse of :func:`pack_state` (views of the received buffer, so gradients reach it)."""
+    """Inverse of :func:`pack_state` (views of the received buffer, so gradients reach it); a zero padding
+    after the packed streams (interleaved schedule) is ignored."""
     lv, lt = lengths
-    assert packed.shape[0] == (1 + num_skips) * (lv + lt), (tuple(packed.shape), lengths, num_skips)
-    parts = torch.split(packed, [lv, lt] * (1 + num_skips), dim=0)
+    used = (1 + num_skips) * (lv + lt)
+    assert packed.shape[0] >= used, (tuple(packed.shape), lengths, num_skips)
+    parts = torch.split(packed, [lv, lt] * (1 + num_skips) + [packed.shape[0] - used], dim=0)
     return StageState(parts[0], parts[1], [(parts[2 + 2 * i], parts[3 + 2 * i]) for i in range(num_skips)])
+
+
+def _padded_length(cfg: SUVConfig, lengths: tuple[int, int]) -> int:
+    """The one boundary length of the interleaved schedule: room for the most skips alive at any cut."""
+    most = max(live_skips_at(cfg, b) for b in range(cfg.num_blocks + 1))
+    return (1 + most) * sum(lengths)
+
+
+def schedule_seq_length(chunk: SparseUMMDiT, latents: torch.Tensor, text_len: int) -> int:
+    """The ``seq_length`` to give megatron's schedule (it divides by CP, and by TP under SP): only the
+    interleaved schedule reads it."""
+    div = chunk.cp.size * (chunk.tp.size if chunk.tp.sequence_parallel else 1)
+    return div * _padded_length(chunk.suv_config, stream_lengths(chunk, latents, text_len))
 
 
 def run_chunk(module, chunk: SparseUMMDiT, latents, timestep, text_hidden, text_mask, pooled, video_mask=None):
     """One chunk's forward as megatron's ``forward_step`` calls it: ``module`` is the (DDP-wrapped) chunk.
     Returns the velocity on the last chunk, the packed boundary tensor on the others."""
     state = None
+    lengths = stream_lengths(chunk, latents, text_hidden.shape[-2])
     if not chunk.pre_process:
-        lengths = stream_lengths(chunk, latents, text_hidden.shape[-2])
         state = unpack_state(chunk.pipeline_input, lengths, live_skips_at(chunk.suv_config, chunk.block_range[0]))
     out = module(latents, timestep, text_hidden, text_mask, pooled, video_mask, stage_input=state)
-    return out if chunk.post_process else pack_state(out)
+    if chunk.post_process:
+        return out
+    packed = pack_state(out)
+    if not chunk.config.variable_seq_lengths:  # interleaved: one shape for every boundary
+        packed = F.pad(packed, (0, 0, 0, 0, 0, _padded_length(chunk.suv_config, lengths) - packed.shape[0]))
+    return packed

@@ -35,6 +35,7 @@ unless it is last. Conditioning, masks and RoPE are recomputed from the micro-ba
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -150,7 +151,7 @@ class SparseUMMDiT(nn.Module):
 
     def __init__(self, config: SUVConfig, parallel=None, params_dtype: torch.dtype = torch.float32, *,
                  device: torch.device | str | None = None, block_range: tuple[int, int] | None = None,
-                 pipeline_replica: int = 0):
+                 pipeline_replica: int = 0, init_seed: int | None = None):
         super().__init__()
         from mm.ops import current_backend
 
@@ -165,6 +166,9 @@ class SparseUMMDiT(nn.Module):
         self.pre_process, self.post_process = b0 == 0, b1 == cfg.num_blocks
         # index of this chunk among all pipeline chunks: which copy of the replicated embedder saves and counts
         self.pipeline_replica = pipeline_replica
+        # init_seed: every module draws its initial weights from its own stream (seed, module), so a pipeline
+        # chunk is initialised exactly like the same modules of the whole model; None: the global stream
+        self.init_seed = init_seed
         self.tp = tp = TPContext.from_parallel_state(parallel)
         self.cp = cp = CPContext.from_parallel_state(parallel)
         cfg.validate_tp(tp.size)
@@ -189,34 +193,50 @@ class SparseUMMDiT(nn.Module):
         D, Dt, eps = cfg.hidden_size, cfg.timestep_embed_dim, cfg.norm_eps
         p = cfg.patch_size
         b0, b1 = self.block_range
+        seeded = self._init_stream
         if self.pre_process:
-            self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
-        self.time_text_embed = TimestepTextEmbedding(Dt, cfg.pooled_projection_dim, dtype=dtype)
+            with seeded(1):
+                self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
+        with seeded(2):
+            self.time_text_embed = TimestepTextEmbedding(Dt, cfg.pooled_projection_dim, dtype=dtype)
         if self.pre_process:
-            self.caption_projection = nn.Linear(cfg.caption_channels, D, dtype=dtype)
+            with seeded(3):
+                self.caption_projection = nn.Linear(cfg.caption_channels, D, dtype=dtype)
         last = (cfg.num_stages - 1, cfg.num_layers[-1] - 1)
         held = block_positions(cfg)[b0:b1]
-        self.transformer_blocks = nn.ModuleList(
-            IndexedModules({
-                i: SparseMMDiTBlock(cfg, tp, self.config, group_skip=i % 2 == 1, context_pre_only=(s, i) == last)
-                for (hs, i) in held if hs == s
-            })
-            for s in range(cfg.num_stages)
-        )
+        blocks: list[dict] = [{} for _ in cfg.num_layers]
+        for b, (s, i) in enumerate(held, start=b0):
+            with seeded(1000 + b):
+                blocks[s][i] = SparseMMDiTBlock(cfg, tp, self.config, group_skip=i % 2 == 1,
+                                                context_pre_only=(s, i) == last)
+        self.transformer_blocks = nn.ModuleList(IndexedModules(stage) for stage in blocks)
         # the merge of decoder stage mid+1+j lives with that stage's first block
         mid = cfg.num_stages // 2
         merges = [j for j in range(cfg.num_stages // 2) if (mid + 1 + j, 0) in held]
-        self.skip_norm_linear = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
-        self.skip_norm_linear_enc = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
+        with seeded(4):
+            self.skip_norm_linear = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
+        with seeded(5):
+            self.skip_norm_linear_enc = IndexedModules({j: self._skip_module(cfg, dtype) for j in merges})
         seq_parallel = [*self.skip_norm_linear, *self.skip_norm_linear_enc]
         if self.post_process:
-            self.norm_final = LayerNorm(D, eps, dtype=dtype)
-            self.norm_out = AdaNormOut(D, Dt, eps, tp, self.config)
-            self.proj_out = nn.Linear(D, cfg.patch_size_t * p * p * cfg.out_channels, dtype=dtype)
+            with seeded(6):
+                self.norm_final = LayerNorm(D, eps, dtype=dtype)
+                self.norm_out = AdaNormOut(D, Dt, eps, tp, self.config)
+                self.proj_out = nn.Linear(D, cfg.patch_size_t * p * p * cfg.out_channels, dtype=dtype)
             seq_parallel += [self.norm_final, self.norm_out.norm]
         # Replicated modules that see sequence shards under SP: TP-sum their grads.
         for m in seq_parallel:
             mark_sequence_parallel(m, tp)
+
+    @contextlib.contextmanager
+    def _init_stream(self, module_id: int):
+        """With ``init_seed``: build under the CPU generator seeded for this module (restored afterwards)."""
+        if self.init_seed is None:
+            yield
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.init_seed * 100_003 + module_id)
+            yield
 
     @staticmethod
     def _skip_module(cfg: SUVConfig, dtype) -> nn.Sequential:

@@ -12,7 +12,7 @@ from harness import run_distributed
 from mm.models import SparseUMMDiT
 from suv_testing import random_inputs, random_state_dict, tiny_config
 
-NUM_MICRO = 3
+NUM_MICRO = 4  # a multiple of PP (interleaving needs it)
 # name -> (world, parallel config kwargs, blocks per virtual stage, vpp, W, L)
 CASES = {
     "pp2": (2, {}, [7, 7], 1, 10, 6),
@@ -54,7 +54,7 @@ def _pp_run(rank, world, par, stage_blocks, vpp, full_sd, micro):
     from mm.config import ParallelConfig
     from mm.distributed.init import init_parallel
     from mm.distributed.parallelize import wrap_ddp_chunks
-    from mm.distributed.pipeline import build_pipeline_chunks, configure_pipeline, run_chunk
+    from mm.distributed.pipeline import build_pipeline_chunks, configure_pipeline, run_chunk, schedule_seq_length
     from mm.models.sparse_ummdit import gather_upstream_state_dict, load_upstream_state_dict
 
     pp = len(stage_blocks) // vpp
@@ -73,9 +73,11 @@ def _pp_run(rank, world, par, stage_blocks, vpp, full_sd, micro):
         return out, lambda o: ((o * weight).sum() / ps.cp_size, {"loss": (o * weight).sum().detach()})
 
     iters = [iter(micro) for _ in chunks]
+    inputs0 = micro[0][0]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iters if vpp > 1 else iters[0],
-        model=ddps, num_microbatches=NUM_MICRO, seq_length=1, micro_batch_size=2, forward_only=False)
+        model=ddps, num_microbatches=NUM_MICRO, micro_batch_size=2, forward_only=False,
+        seq_length=schedule_seq_length(chunks[0], inputs0[0], inputs0[2].shape[1]))
     grads = {}
     for chunk in chunks:
         for p in chunk.parameters():
@@ -131,6 +133,8 @@ def test_live_skips_and_packing():
     back = unpack_state(packed, (6, 3), 2)
     assert torch.equal(back.x, x) and torch.equal(back.y, y)
     assert all(torch.equal(a, b) for p, q in zip(back.skips, skips) for a, b in zip(p, q))
+    padded = unpack_state(torch.cat([packed, torch.zeros(9, 2, 4)]), (6, 3), 2)  # the interleaved schedule's
+    assert torch.equal(padded.skips[1][1], skips[1][1])
 
 
 def test_cost_model_cuts():
