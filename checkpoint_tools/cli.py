@@ -64,8 +64,33 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, disable=None, leave=False)
 
 
+def _status_mib(field: str) -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        return None
+    return None
+
+
 def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+    """Peak resident set size of this process (VmHWM; ``ru_maxrss`` where /proc is missing)."""
+    peak = _status_mib("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def start_memory_watch() -> float:
+    """RSS now (after imports and opening the source); resets the peak counter to it where Linux allows
+    (``/proc/self/clear_refs``), so ``peak_rss_mib() - start`` is the memory the work itself used."""
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")
+    except OSError:
+        pass
+    now = _status_mib("VmRSS")
+    return now if now is not None else peak_rss_mib()
 
 
 def _predictor_config(source: Source, mm_model: str | None) -> dict | None:
@@ -111,7 +136,7 @@ def convert(load: str, save: str, to: str, *, tp: int = 1, pp: int = 1, ema: boo
     elif opt or "optimizer" in src.extra:
         notes.append(f"optimizer state dropped: {to} holds no optimizer state" if opt else src.extra["optimizer"])
     alias = {}
-    if to == "ours" and len(weight_groups) == 1:  # ours keeps trained weights and EMA: one set serves as both
+    if to in _HOLDS_BOTH_WEIGHTS and len(weight_groups) == 1:  # both weight sets are kept: one serves as both
         other = "ema" if weight_groups[0] == "raw" else "raw"
         groups[other] = groups[weight_groups[0]]
         alias[other] = weight_groups[0]
@@ -122,6 +147,12 @@ def convert(load: str, save: str, to: str, *, tp: int = 1, pp: int = 1, ema: boo
         t = src.read(group, key)
         return cast(t, dt) if group in WEIGHT_GROUPS else t
 
+    import safetensors.torch  # noqa: F401  (imported before the memory watch: code is not working memory)
+    import tqdm  # noqa: F401
+
+    from checkpoint_tools import flat, legacy  # noqa: F401
+
+    start_rss = start_memory_watch()
     it = iteration if iteration is not None else src.iteration
     total = sum(len(v) for v in groups.values())
     bar = _progress(total, f"{src.format} -> {to}")
@@ -161,7 +192,7 @@ def convert(load: str, save: str, to: str, *, tp: int = 1, pp: int = 1, ema: boo
         src.close()
     return {"from": src.format, "to": to, "load": str(load), "save": str(out), "groups": sorted(groups),
             "tensors": total, "bytes": sum(p.stat().st_size for p in written if p.is_file()), "notes": notes,
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), "start_rss_mib": start_rss}
 
 
 # --------------------------------------------------------------------------------------------- inspect
@@ -318,7 +349,9 @@ def main(argv=None) -> int:
             for note in r["notes"]:
                 print(f"note: {note}")
             print(f"converted {r['from']} -> {r['to']}: {r['tensors']} tensors ({', '.join(r['groups'])}), "
-                  f"{r['bytes'] / 2**20:,.1f} MiB written to {r['save']}; peak RSS {r['peak_rss_mib']:,.0f} MiB")
+                  f"{r['bytes'] / 2**20:,.1f} MiB written to {r['save']}; peak RSS {r['peak_rss_mib']:,.0f} MiB "
+                  f"({r['peak_rss_mib'] - r['start_rss_mib']:,.0f} MiB above the {r['start_rss_mib']:,.0f} MiB "
+                  "after start-up)")
             return 0
         if args.command == "diff":
             equal, lines = diff(args.a, args.b, atol=args.atol, rtol=args.rtol, ema=args.ema,

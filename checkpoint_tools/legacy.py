@@ -161,6 +161,7 @@ class LegacySource(Source):
         self.layout = {"tp": tp, "pp": pp}
         self._dirs = [[ranks[rank_key(t, p)] for t in range(tp)] for p in range(pp)]
         self._objs = [[_load(self._dirs[p][t] / MODEL_FILE) for t in range(tp)] for p in range(pp)]
+        self._read_bytes: dict[Path, int] = {}  # per file, since it was last mapped
         first = self._objs[0][0]
         model_keys = [k for k in first.get("model", {})]
         self.mindspeed = any(".attn1.proj_q." in k for k in model_keys)
@@ -261,12 +262,26 @@ class LegacySource(Source):
         return TensorInfo(tuple(shape), shards[0].dtype)
 
     def read(self, group: str, key: str) -> torch.Tensor:
+        """The TP-merged tensor (a copy: it does not keep the memory-mapped files alive).
+
+        Pages of a memory-mapped shard stay resident while it is mapped, so a file is mapped afresh
+        once ``1 / (2 TP)`` of its size has been read from it: all files together then keep at most half
+        a shard's worth of pages resident."""
         from mm.models.sparse_ummdit import merge_tp_state_dicts
 
         self.keys(group)
         p, local = self._where[group][key]
         shards = self._shards(group, p, local)
-        return merge_tp_state_dicts([{key: s} for s in shards])[key]
+        out = merge_tp_state_dicts([{key: s} for s in shards])[key]
+        out = out.clone() if len(shards) == 1 or out.data_ptr() == shards[0].data_ptr() else out
+        for t, s in enumerate(shards):
+            f = self._dirs[p][t] / (MODEL_FILE if group in ("raw", "ema") else OPTIM_FILE)
+            self._read_bytes[f] = self._read_bytes.get(f, 0) + s.nbytes
+            if self._read_bytes[f] > f.stat().st_size / (2 * len(shards)):
+                objs = self._objs if group in ("raw", "ema") else self._optim
+                objs[p][t] = _load(f)
+                self._read_bytes[f] = 0
+        return out
 
     def files(self) -> list[Path]:
         return sorted(p for p in self.iter_dir.rglob("*") if p.is_file())
@@ -364,7 +379,10 @@ def write_legacy(path: Path, groups: dict[str, dict[str, TensorInfo]], read: Cal
         weight_entries = [(g, e) for g, e in (("raw", "model"), ("ema", "ema_model")) if g in groups]
         if mindspeed:  # MindSpeed-MM's converter writes one set of weights, under "model"
             weight_entries = [(weight_entries[0][0], "model")]
-        per_entry = {entry: shards(group) for group, entry in weight_entries}
+        per_entry: dict[str, list[dict]] = {}
+        for group, entry in weight_entries:  # a group given twice (one set as weights and EMA) is split once
+            same = [e for g, e in weight_entries if e in per_entry and groups[g] is groups[group]]
+            per_entry[entry] = per_entry[same[0]] if same else shards(group)
         opt_groups = [] if mindspeed else [g for g in OPTIMIZER_GROUPS if g in groups]
         per_opt = {g: shards(g) for g in opt_groups}
         for t in range(tp):

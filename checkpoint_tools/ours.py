@@ -209,10 +209,15 @@ def _save(root, groups, read, iteration, common, optimizer_common, rng, progress
     tmp = final.with_name(final.name + ".tmp")
     tmp.mkdir(parents=True)
 
+    read_once: dict[tuple[int, str], torch.Tensor] = {}  # one set given as both weights and EMA is read once
+
     def sharded(group: str, prefix: str) -> dict:
         out = {}
         for key in groups[group]:
-            out[prefix + key] = ShardedTensor.from_rank_offsets(prefix + key, read(group, key).contiguous(), replica_id=0)
+            t = read_once.get((id(groups[group]), key))
+            if t is None:
+                t = read_once[(id(groups[group]), key)] = read(group, key).contiguous()
+            out[prefix + key] = ShardedTensor.from_rank_offsets(prefix + key, t, replica_id=0)
             if progress is not None:
                 progress.update(1)
         return out

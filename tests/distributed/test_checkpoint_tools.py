@@ -252,3 +252,18 @@ def _raw_only(tmp_path):
     write_released(path, {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in full.items()}, full.__getitem__,
                    weights="raw", iteration=None, config=None)
     return path
+
+
+def test_conversion_memory_stays_within_one_shard_and_a_tensor(tmp_path):
+    """TP2 legacy -> released in a child process: the memory the work uses (peak RSS above the start-up RSS)
+    stays under 1.5 x the largest input shard + one full tensor (bench/checkpoint_tools_memory.py runs the
+    same at 1B parameters)."""
+    from bench.checkpoint_tools_memory import run_convert, suv_shapes, write_synthetic_legacy
+
+    _, shapes = suv_shapes(8e6)
+    legacy = tmp_path / "legacy"
+    write_synthetic_legacy(legacy, shapes, 2, torch.float32)
+    shard_mib = max(p.stat().st_size for p in legacy.rglob("model_optim_rng.pt")) / 2**20
+    tensor_mib = max(torch.Size(s).numel() for s in shapes.values()) * 4 / 2**20
+    r = run_convert(["--load", str(legacy), "--save", str(tmp_path / "model_ema.safetensors"), "--to", "released"])
+    assert 0 < r["working_mib"] <= 1.5 * shard_mib + tensor_mib, (r, shard_mib, tensor_mib)
