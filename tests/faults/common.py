@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 
 def run_config(iters=4, save=None, load=None, save_interval=1000, gbs=2, distopt=True, lr=1e-3, min_lr=None,
@@ -31,3 +32,17 @@ def trainer(ws, run):
 
 def replace_training(run, **changes):
     return dataclasses.replace(run, training=dataclasses.replace(run.training, **changes))
+
+
+class KeepLogs(logging.Handler):
+    """Collects the messages of the named loggers (at ``level`` and above) in ``lines``."""
+
+    def __init__(self, *names: str, level: int = logging.INFO):
+        super().__init__(level)
+        self.lines: list[str] = []
+        for name in names:
+            logging.getLogger(name).addHandler(self)
+            logging.getLogger(name).setLevel(min(level, logging.getLogger(name).getEffectiveLevel()))
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())

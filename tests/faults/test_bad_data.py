@@ -6,13 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import os
 from pathlib import Path
 
-import pytest
-
-from common import run_config
+from common import KeepLogs, run_config
 from harness import run_distributed
 from tiny_workspace import make_workspace
 
@@ -49,22 +45,10 @@ def test_inspect_verify_opens_every_file(tmp_path, capsys):
     assert "clip_00001" in report and "clip_00004" not in report
 
 
-class _Keep(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _train_with_a_bad_clip(rank, world, ws, root):
     from common import trainer
 
-    keep = _Keep()
-    for name in ("mm.data", "mm.train"):
-        logging.getLogger(name).addHandler(keep)
-        logging.getLogger(name).setLevel(logging.INFO)
+    keep = KeepLogs("mm.data", "mm.train")
     t = trainer(ws, run_config(iters=8, save=root, save_interval=100, gbs=1))  # two epochs of 4 clips
     t.train()
     return keep.lines

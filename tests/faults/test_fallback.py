@@ -9,17 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from common import run_config, trainer
+from common import KeepLogs, run_config, trainer
 from harness import run_distributed
-
-
-class _Keep(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
 
 
 def _largest_shard(ckpt: Path) -> Path:
@@ -30,23 +21,22 @@ def _fallbacks(rank, world, ws, root):
     from mm.config import replace
     from mm.training import checkpointing as ck
 
-    keep = _Keep()
-    logging.getLogger("mm.training.checkpointing").addHandler(keep)
+    keep = KeepLogs("mm.training.checkpointing", level=logging.WARNING)
     base = run_config(iters=4, save=root, save_interval=2)
     trainer(ws, base).train()
     shard = _largest_shard(ck.iter_dir(root, 4))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a truncated shard
     resume = replace(base, checkpoint=replace(base.checkpoint, load=root, save=None))
     out = {"resumed_at": trainer(ws, resume).iteration, "warnings": list(keep.lines), "shard": shard.name}
-    t = trainer(ws, resume)
+    t = trainer(ws, replace(resume, checkpoint=replace(resume.checkpoint, load=None)))
     out["ema_iteration"] = ck.load_checkpoint(root, t.model, None, use_ema=True, load_rng=False)[0]
     try:
-        trainer(ws, replace(resume, checkpoint=replace(resume.checkpoint, fallback=False)))
+        ck.load_checkpoint(root, t.model, t.optimizer, fallback=False)
     except ck.CheckpointError as e:
         out["no_fallback"] = str(e)
     (ck.iter_dir(root, 2) / "rng" / "rank_00000.pt").unlink()  # and a deleted file in the older one
     try:
-        trainer(ws, resume)
+        ck.load_checkpoint(root, t.model, t.optimizer)
     except ck.CheckpointError as e:
         out["none_left"] = str(e)
     return out

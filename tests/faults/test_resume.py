@@ -3,13 +3,12 @@ asked for; --no-load-optim / --no-load-rng / --finetune act; an optimizer-kind s
 
 from __future__ import annotations
 
-import logging
 import math
 
 import pytest
 import torch
 
-from common import run_config, trainer
+from common import KeepLogs, run_config, trainer
 from harness import run_distributed
 
 
@@ -17,21 +16,10 @@ def _cosine(i, decay, lr=1e-3, min_lr=1e-5):
     return min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(i, decay) / decay))
 
 
-class _Keep(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
 def _schedules(rank, world, ws, root):
     from mm.config import replace
 
-    keep = _Keep()
-    logging.getLogger("mm.train").addHandler(keep)
-    logging.getLogger("mm.train").setLevel(logging.INFO)
+    keep = KeepLogs("mm.train")
     base = run_config(iters=4, save=root, save_interval=4, lr=1e-3, min_lr=1e-5, decay_style="cosine")
     first = [r.lr for r in trainer(ws, base).train()]
     longer = replace(base, training=replace(base.training, train_iters=8),
