@@ -93,15 +93,26 @@ def start_memory_watch() -> float:
     return now if now is not None else peak_rss_mib()
 
 
-def _predictor_config(source: Source, mm_model: str | None) -> dict | None:
-    if mm_model is not None:
-        from mm.models.suv_config import SUVConfig
+def _model_config(source: Source, mm_model: str | None) -> dict | None:
+    """The config a diffusers folder records: the predictor block (SUV) or the "ae" block (WFVAE) of the
+    model JSON, validated by the model's config reader; else what the source carries."""
+    if mm_model is None:
+        return source.config
+    try:
+        with open(mm_model) as f:
+            model_json = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"--mm-model {mm_model}: {e}")
+    if source.model == "WFVAE":
+        from mm.models.wfvae import WFVAEConfig
 
-        try:
-            return SUVConfig.from_upstream(mm_model).to_upstream()
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"--mm-model {mm_model}: {e}")
-    return source.config
+        if not isinstance(model_json.get("ae"), dict):
+            raise CheckpointError(f"--mm-model {mm_model}: no 'ae' block for the WFVAE")
+        WFVAEConfig.from_upstream_dict(model_json["ae"])
+        return {k: v for k, v in model_json["ae"].items() if k != "from_pretrained"}
+    from mm.models.suv_config import SUVConfig
+
+    return SUVConfig.from_upstream(model_json).to_upstream()
 
 
 # --------------------------------------------------------------------------------------------- convert
@@ -119,6 +130,9 @@ def convert(load: str, save: str, to: str, *, tp: int = 1, pp: int = 1, ema: boo
     if to == "mindspeed-mm" and pp != 1:
         raise CheckpointError("mindspeed-mm checkpoints (MindSpeed-MM's OSP v1.5 converter) are TP-only: --pp must be 1")
     src = open_checkpoint(load)
+    if src.model != "SUV" and to not in ("released", "diffusers"):
+        raise CheckpointError(f"{load} holds a {src.model}: only the SUV is trained with megatron, so it converts "
+                              "to released or diffusers only")
     out = Path(save)
     dt = DTYPES[dtype] if dtype else None
     notes = []
@@ -166,12 +180,15 @@ def convert(load: str, save: str, to: str, *, tp: int = 1, pp: int = 1, ema: boo
         elif to == "diffusers":
             from checkpoint_tools.flat import write_diffusers
 
-            config = _predictor_config(src, mm_model)
+            config = _model_config(src, mm_model)
             if config is None:
                 raise CheckpointError(f"{load} carries no model config: pass --mm-model MODEL_JSON for config.json")
             written = write_diffusers(out, groups[single], lambda k: read(single, k), weights=single, iteration=it,
-                                      config=config, class_name="SparseUMMDiT",
+                                      config=config, class_name="SparseUMMDiT" if src.model == "SUV" else "WFVAE",
                                       max_shard_bytes=int(max_shard_size_gb * 2**30), progress=bar)
+            from mm.training.checkpoint_manifest import write_manifest
+
+            written.append(write_manifest(out))
         elif to in ("upstream-legacy", "mindspeed-mm"):
             from checkpoint_tools.legacy import write_legacy
             from mm.training.checkpoint_manifest import write_manifest
@@ -207,7 +224,7 @@ def inspect(path: str) -> tuple[Source, list[str]]:
     layout = " x ".join(f"{k.upper()} {v}" for k, v in lay.items()) if lay else "single file (no parallel layout)"
     consumed = src.common.get("samples_seen", src.extra.get("consumed_train_samples"))
     lines = [
-        f"format:       {src.format}",
+        f"format:       {src.format} ({src.model})",
         f"path:         {src.path}",
         f"iteration:    {src.iteration if src.iteration is not None else 'n/a (release)'}",
         f"saved layout: {layout}",
@@ -218,7 +235,7 @@ def inspect(path: str) -> tuple[Source, list[str]]:
         f"dtype:        {', '.join(dtypes)}",
         f"total size:   {size / 2**20:,.1f} MiB in {len(src.files())} files",
     ]
-    if src.config:
+    if src.config and src.model == "SUV":
         lines.append(f"model:        num_layers {src.config.get('num_layers')}, heads {src.config.get('num_heads')} "
                      f"x {src.config.get('head_dim')}")
     return src, lines
@@ -280,9 +297,21 @@ def verify(path: str) -> list[str]:
     p = Path(path)
     if p.is_file():
         raise CheckpointError(f"{p} is a single file: verify checks the manifest of a checkpoint directory")
-    src = open_checkpoint(p)
-    d = getattr(src, "iter_dir", src.path)
-    return verify_manifest(d)
+    from checkpoint_tools.flat import is_diffusers_dir
+    from checkpoint_tools.legacy import find_iteration_dir, is_legacy_dir
+    from checkpoint_tools.ours import is_ours, resolve_iteration_dir
+
+    if not p.is_dir():
+        raise CheckpointError(f"{p} does not exist")
+    if is_diffusers_dir(p):
+        d = p
+    elif is_ours(p):
+        d = resolve_iteration_dir(p)[0]
+    elif is_legacy_dir(p):
+        d = find_iteration_dir(p)[0]
+    else:
+        raise CheckpointError(f"{p}: not a checkpoint of a known layout ({', '.join(FORMATS)})")
+    return verify_manifest(d)  # no tensor is opened: a damaged file is reported, not raised
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -311,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="store the weights in this dtype "
                    "(default: as in the source; optimizer state stays fp32)")
     c.add_argument("--iteration", type=int, default=None, help="iteration recorded in the target")
-    c.add_argument("--mm-model", default=None, help="model JSON (predictor block) for a diffusers config.json")
+    c.add_argument("--mm-model", default=None, help="model JSON whose predictor (SUV) or ae (WFVAE) block becomes a "
+                   "diffusers config.json")
     c.add_argument("--max-shard-size", type=float, default=5.0, help="diffusers shard size in GiB (default 5)")
     d = sub.add_parser("diff", help="compare two checkpoints tensor by tensor",
                        description="Compare two checkpoints of any layouts in the released key space; exit 0 only "

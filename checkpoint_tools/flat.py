@@ -1,5 +1,6 @@
-"""Flat layouts: ``released`` (one file, the released key space: ``model_ema.pt`` / ``.safetensors``) and
-``diffusers`` (a folder: ``config.json``, sharded ``*.safetensors`` and ``*.safetensors.index.json``).
+"""Flat layouts: ``released`` (one file, the released key space: ``model_ema.pt`` / ``.safetensors``; for the
+WFVAE the ``wfvae_888_dim32.ckpt`` layouts) and ``diffusers`` (a folder: ``config.json``, sharded
+``*.safetensors`` and ``*.safetensors.index.json``), for the SUV and for the WFVAE.
 
 Both hold one set of weights (no optimizer state). A released file says which in its safetensors metadata
 (``"weights": "ema"|"raw"``, written by these tools) or, failing that, by its name (``*ema*`` -> EMA, as
@@ -21,7 +22,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from checkpoint_tools.keyspace import CheckpointError, Source, TensorInfo, canonical
+from checkpoint_tools.keyspace import CheckpointError, Source, TensorInfo, canonical, model_kind
 
 from mm.models.sparse_ummdit import DIFFUSERS_INDEX, DIFFUSERS_SINGLE
 _ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -106,17 +107,16 @@ class ReleasedSource(Source):
             if meta.get("iteration", "").isdigit():
                 self.iteration = int(meta["iteration"])
         else:
-            from mm.models.sparse_ummdit import load_upstream_checkpoint
-
-            try:
-                state = load_upstream_checkpoint(path)
-            except (RuntimeError, OSError, EOFError) as e:
-                raise CheckpointError(f"{path}: unreadable as a released predictor file ({e})")
-            self._tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-            infos = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in self._tensors.items()}
+            self._tensors = _released_pt_groups(path)
+            infos = None
             meta = {}
-        keys = canonical(infos)
-        self.infos = {_weights_name(path, meta): {k: infos[k] for k in keys}}
+        if self._tensors is None:
+            groups = {_weights_name(path, meta): infos}
+        else:
+            groups = {g: {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in sd.items()}
+                      for g, sd in self._tensors.items()}
+        self.model = model_kind(next(iter(groups.values())))
+        self.infos = {g: {k: gi[k] for k in canonical(gi)} for g, gi in groups.items()}
         if meta.get("config"):
             self.config = json.loads(meta["config"])
 
@@ -124,13 +124,44 @@ class ReleasedSource(Source):
         self.keys(group)
         if self._tensors is None:
             return read_safetensor(self.path, key)
-        return self._tensors[key]
+        return self._tensors[group][key]
+
+
+def _released_pt_groups(path: Path) -> dict[str, dict[str, torch.Tensor]]:
+    """Weight groups of a released torch pickle, memory-mapped: an SUV predictor dict (one group, named as
+    :func:`_weights_name` says), or a WFVAE ``.ckpt`` in any of its layouts (spec §4.8: ``ema_state_dict``
+    is the EMA, ``state_dict[.gen_model]`` or a flat dict the trained weights), unwrapped by the loaders'
+    own rules."""
+    from mm.models.sparse_ummdit import load_upstream_checkpoint
+    from mm.models.wfvae import unwrap_upstream_state_dict
+
+    try:
+        state = load_upstream_checkpoint(path)
+        return {_weights_name(path, {}): {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}}
+    except RuntimeError as e:
+        if "no SUV predictor state dict found" not in str(e):
+            raise CheckpointError(f"{path}: unreadable (truncated or corrupt: {e})")
+    except (OSError, EOFError) as e:
+        raise CheckpointError(f"{path}: unreadable (truncated or corrupt: {e})")
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    groups = {}
+    ema = obj.get("ema_state_dict")
+    if isinstance(ema, Mapping) and len(ema) > 0:
+        groups["ema"] = unwrap_upstream_state_dict(obj)[0]
+    rest, _ = unwrap_upstream_state_dict({k: v for k, v in obj.items() if k != "ema_state_dict"})
+    rest = {k: v for k, v in rest.items() if isinstance(v, torch.Tensor)}
+    if rest:
+        groups["raw" if groups or "state_dict" in obj else _weights_name(path, {})] = rest
+    if not groups:
+        raise CheckpointError(f"{path}: neither an SUV predictor nor a WFVAE state dict "
+                              f"(top-level keys {list(obj)[:10]})")
+    return groups
 
 
 def write_released(path: Path, infos: Mapping[str, TensorInfo], read: Callable[[str], torch.Tensor], *,
                    weights: str, iteration: int | None, config: dict | None, progress=None) -> list[Path]:
-    if path.suffix not in (".pt", ".pth", ".safetensors"):
-        raise CheckpointError(f"released output must end in .pt, .pth or .safetensors, got {path.name!r}")
+    if path.suffix not in (".pt", ".pth", ".ckpt", ".safetensors"):
+        raise CheckpointError(f"released output must end in .pt, .pth, .ckpt or .safetensors, got {path.name!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".safetensors":
         meta = {"format": "released", "weights": weights}
@@ -145,6 +176,8 @@ def write_released(path: Path, infos: Mapping[str, TensorInfo], read: Callable[[
             state[k] = read(k)
             if progress is not None:
                 progress.update(1)
+        if model_kind(infos) == "WFVAE":  # the layout of wfvae_888_dim32.ckpt (spec §4.8)
+            state = {"ema_state_dict": state} if weights == "ema" else {"state_dict": {"gen_model": state}}
         tmp = path.with_name(path.name + ".tmp")
         torch.save(state, tmp)
         os.replace(tmp, path)
@@ -177,7 +210,7 @@ class DiffusersSource(Source):
         if cfg.get("_mm_iteration") is not None:
             self.iteration = int(cfg["_mm_iteration"])
         self.config = {k: v for k, v in cfg.items() if not k.startswith("_")}
-        self.extra["class"] = cfg.get("_class_name")
+        self.model = model_kind(infos)
         self.infos = {weights: {k: infos[k] for k in canonical(infos)}}
 
     def read(self, group: str, key: str) -> torch.Tensor:

@@ -64,7 +64,8 @@ class Source:
     optimizer_common: dict | None = None  # megatron optimizer param_groups (non-tensor state)
     rng: list | None = None  # per-rank RNG states of our trainer, in rank order
     extra: dict = field(default_factory=dict)  # layout-specific facts for `inspect`
-    config: dict | None = None  # upstream predictor dict, when the checkpoint carries one
+    config: dict | None = None  # upstream predictor (or VAE "ae") dict, when the checkpoint carries one
+    model: str = "SUV"  # or "WFVAE"
 
     def groups(self) -> list[str]:
         return [g for g in GROUPS if self.infos.get(g)]
@@ -100,7 +101,6 @@ def weights_group(source: Source, ema: bool | None) -> str:
 
 def last_block(keys: Iterable[str]) -> tuple[int, int]:
     """(stage, block) of the model's last block, from the keys."""
-    best: tuple[int, int] | None = None
     stages: dict[int, int] = {}
     for k in keys:
         m = _BLOCK_RE.match(k)
@@ -110,8 +110,7 @@ def last_block(keys: Iterable[str]) -> tuple[int, int]:
     if not stages:
         raise CheckpointError("no transformer_blocks.<stage>.<block> tensors: not an SUV predictor checkpoint")
     s = max(stages)
-    best = (s, stages[s])
-    return best
+    return s, stages[s]
 
 
 def num_layers_of(keys: Iterable[str]) -> list[int]:
@@ -135,11 +134,23 @@ def dead_prefixes(keys: Iterable[str]) -> tuple[str, ...]:
     return tuple(f"transformer_blocks.{s}.{b}.{m}" for m in DEAD_LAST_BLOCK_MODULES)
 
 
+def model_kind(keys: Iterable[str]) -> str:
+    """``SUV`` (the denoiser) or ``WFVAE`` (the VAE, spec §4.8), from the keys."""
+    keys = list(keys)
+    if any(_BLOCK_RE.match(k) for k in keys):
+        return "SUV"
+    if keys and all(k.startswith(("encoder.", "decoder.")) for k in keys):
+        return "WFVAE"
+    raise CheckpointError(f"neither SUV (transformer_blocks.*) nor WFVAE (encoder.*/decoder.*) keys: {keys[:5]}")
+
+
 def canonical(keys: Iterable[str]) -> list[str]:
     """The keys that belong to the released key space of our model: no ``_extra_state``, no dead tensors."""
     from mm.models.sparse_ummdit import EXTRA_STATE_SUFFIX
 
     keys = [k for k in keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if model_kind(keys) == "WFVAE":
+        return keys
     dead = dead_prefixes(keys)
     return [k for k in keys if not k.startswith(dead)]
 

@@ -38,10 +38,10 @@ _OPT = "optimizer.state."
 
 def is_ours(path: Path) -> bool:
     return (path / "metadata.json").is_file() or (
-        (path / "latest_checkpointed_iteration.txt").is_file() and _resolve(path)[0].joinpath("metadata.json").is_file())
+        (path / "latest_checkpointed_iteration.txt").is_file() and resolve_iteration_dir(path)[0].joinpath("metadata.json").is_file())
 
 
-def _resolve(path: Path) -> tuple[Path, int | None]:
+def resolve_iteration_dir(path: Path) -> tuple[Path, int | None]:
     from mm.training.checkpointing import iter_dir, latest_iteration
 
     if (path / "metadata.json").is_file():
@@ -81,7 +81,7 @@ class OursSource(Source):
         _megatron()
         from megatron.core import dist_checkpointing
 
-        self.iter_dir, self.iteration = _resolve(path)
+        self.iter_dir, self.iteration = resolve_iteration_dir(path)
         meta = json.loads((self.iter_dir / "metadata.json").read_text())
         if meta.get("sharded_backend") != "torch_dist":
             raise CheckpointError(f"{self.iter_dir}: sharded backend {meta.get('sharded_backend')!r}, "

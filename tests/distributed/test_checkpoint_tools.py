@@ -207,7 +207,7 @@ def test_cli_help_inspect_and_bad_inputs(ours_tp2, tmp_path, capsys):
 
     assert cli.main(["inspect", str(root)]) == 0
     out = capsys.readouterr().out
-    assert "format:       ours" in out and "TP 2 x PP 1 x DP 1" in out and "EMA yes" in out
+    assert "format:       ours (SUV)" in out and "TP 2 x PP 1 x DP 1" in out and "EMA yes" in out
     assert "consumed samples: 28" in out and "iteration:    7" in out
 
     def error(*args):
@@ -234,7 +234,11 @@ def test_cli_help_inspect_and_bad_inputs(ours_tp2, tmp_path, capsys):
     (it / "mp_rank_00_001").mkdir()
     assert "mixes mp_rank_TT and mp_rank_TT_PPP" in error("inspect", str(legacy))
     (it / "mp_rank_00_001").rmdir()
+    assert cli.main(["verify", str(legacy)]) == 0
+    capsys.readouterr()
     f.write_bytes(data[: len(data) // 2])
+    assert cli.main(["verify", str(legacy)]) == 1
+    assert "mp_rank_01/model_optim_rng.pt: size" in capsys.readouterr().out
     assert "mp_rank_01/model_optim_rng.pt: unreadable (truncated or corrupt" in error("diff", str(root), str(legacy))
     f.unlink()
     f.parent.rmdir()
@@ -267,3 +271,36 @@ def test_conversion_memory_stays_within_one_shard_and_a_tensor(tmp_path):
     tensor_mib = max(torch.Size(s).numel() for s in shapes.values()) * 4 / 2**20
     r = run_convert(["--load", str(legacy), "--save", str(tmp_path / "model_ema.safetensors"), "--to", "released"])
     assert 0 < r["working_mib"] <= 1.5 * shard_mib + tensor_mib, (r, shard_mib, tensor_mib)
+
+
+def test_wfvae_released_layouts_and_diffusers(tmp_path, capsys):
+    """The WFVAE .ckpt layout (EMA under ema_state_dict with 'module.', weights under state_dict.gen_model):
+    EMA -> diffusers folder and raw -> .ckpt, both loaded back by WFVAE.from_upstream."""
+    from mm.models.sparse_ummdit import load_upstream_checkpoint
+    from mm.models.wfvae import WFVAE, tiny_wfvae_config
+
+    ae = tiny_wfvae_config()
+    g = torch.Generator().manual_seed(0)
+    sd = WFVAE.from_upstream(ae).state_dict()
+    raw = {k: torch.randn(v.shape, generator=g) for k, v in sd.items()}
+    ema = {k: v * 0.5 for k, v in raw.items()}
+    ckpt = tmp_path / "wfvae.ckpt"
+    torch.save({"ema_state_dict": {"module." + k: v for k, v in ema.items()}, "state_dict": {"gen_model": raw}}, ckpt)
+    assert cli.main(["inspect", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "released (WFVAE)" in out and "raw yes, EMA yes" in out
+
+    model_json = tmp_path / "model.json"
+    model_json.write_text(json.dumps({"ae": ae}))
+    hf = tmp_path / "vae"
+    cli.convert(str(ckpt), str(hf), "diffusers", mm_model=str(model_json))
+    cfg = {k: v for k, v in json.loads((hf / "config.json").read_text()).items() if not k.startswith("_")}
+    loaded = WFVAE.from_upstream(cfg, checkpoint=load_upstream_checkpoint(hf)).state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+    assert cli.verify(str(hf)) == []
+    cli.convert(str(ckpt), str(tmp_path / "raw.ckpt"), "released", ema=False)
+    loaded = WFVAE.from_upstream(ae, checkpoint=tmp_path / "raw.ckpt").state_dict()
+    assert all(torch.equal(loaded[k], raw[k]) for k in raw)
+    _assert_diff_equal(ckpt, hf, ema=True)
+    with pytest.raises(CheckpointError, match="only the SUV is trained with megatron"):
+        cli.convert(str(ckpt), str(tmp_path / "o"), "ours")
