@@ -61,18 +61,19 @@ def build_text_encoders(spec: ModelSpec, dtype: str | None = None, device=None):
 
 
 def build_suv(spec: ModelSpec, parallel=None, params_dtype: torch.dtype = torch.float32,
-              checkpoint: str | None = None, device=None):
+              checkpoint: str | None = None, device=None, **chunk):
     """The SUV denoiser for this rank's TP layout on ``device`` (default: the parallel state's, else cpu);
-    ``checkpoint`` = a released flat (TP-merged) state dict."""
+    ``checkpoint`` = a released flat (TP-merged) state dict. ``chunk``: ``SparseUMMDiT`` keywords of a
+    pipeline chunk (``block_range``, ``pipeline_replica``, ``init_seed``; ``mm.distributed.pipeline``)."""
     from mm.models.sparse_ummdit import SparseUMMDiT, load_upstream_checkpoint, load_upstream_state_dict
 
     if device is None:
         device = getattr(parallel, "device", None) or torch.device("cpu")
     if checkpoint is None:
-        return SparseUMMDiT(spec.suv_config(), parallel, params_dtype, device=device)
+        return SparseUMMDiT(spec.suv_config(), parallel, params_dtype, device=device, **chunk)
     state = load_upstream_checkpoint(_existing(checkpoint, "SUV checkpoint"))
     # no random init of what the checkpoint overwrites: build on meta, allocate, load this rank's slices
-    model = SparseUMMDiT(spec.suv_config(), parallel, params_dtype, device="meta")
+    model = SparseUMMDiT(spec.suv_config(), parallel, params_dtype, device="meta", **chunk)
     model.to_empty(device=device)
     load_upstream_state_dict(model, state)
     logger.info("loaded released SUV weights from %s", checkpoint)

@@ -210,3 +210,53 @@ def run_chunk(module, chunk: SparseUMMDiT, latents, timestep, text_hidden, text_
     if not chunk.config.variable_seq_lengths:  # interleaved: one shape for every boundary
         packed = F.pad(packed, (0, 0, 0, 0, 0, _padded_length(chunk.suv_config, lengths) - packed.shape[0]))
     return packed
+
+
+# ------------------------------------------------------------------------------------------- trainer
+def data_latent_shape(data_cfg) -> tuple[tuple[int, int, int], int]:
+    """(latent t, h, w) and text length of the data config's largest sample: the cost model's sequence."""
+    t = (data_cfg.num_frames - 1) // data_cfg.ae_stride_t + 1
+    return (t, data_cfg.max_height // data_cfg.ae_stride, data_cfg.max_width // data_cfg.ae_stride), \
+        data_cfg.model_max_length
+
+
+def trainer_chunk_kwargs(cfg: SUVConfig, parallel, parallel_cfg, data_cfg, seed: int) -> tuple[dict, str | None]:
+    """``SparseUMMDiT`` keywords of this rank's (single) chunk for the trainer, and the stage plan to print
+    (None at PP = 1). Every layout initialises from per-module streams of ``seed``, so PP = N starts from
+    the weights PP = 1 starts from."""
+    if parallel.pp_size == 1:
+        return {"init_seed": seed}, None
+    thw, text_len = data_latent_shape(data_cfg)
+    blocks = resolve_stage_blocks(cfg, parallel.pp_size, parallel_cfg.pipeline_stage_blocks, thw, text_len)
+    ranges = block_ranges(blocks)
+    kwargs = {"init_seed": seed, "block_range": ranges[parallel.pp_rank], "pipeline_replica": parallel.pp_rank}
+    return kwargs, stage_plan_text(cfg, blocks, parallel.pp_size, thw, text_len)
+
+
+def loss_from_last_stage(loss: torch.Tensor, parallel) -> torch.Tensor:
+    """The last pipeline stage computes the loss; every PP rank gets it (broadcast over the PP group)."""
+    if parallel.pp_size == 1:
+        return loss
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dist.broadcast(loss, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return loss
+
+
+def pipeline_problems(cfg: SUVConfig, parallel_cfg) -> list[str]:
+    """What makes a pipeline layout unusable for this model, one message each (empty at PP = 1)."""
+    pp, vpp = parallel_cfg.pipeline_model_parallel_size, parallel_cfg.virtual_pipeline_model_parallel_size or 1
+    problems = []
+    if pp * vpp > cfg.num_blocks:
+        problems.append(f"--pipeline-model-parallel-size {pp} x virtual {vpp} = {pp * vpp} chunks: the SUV has only "
+                        f"{cfg.num_blocks} blocks")
+    blocks = parallel_cfg.pipeline_stage_blocks
+    if blocks is not None and sum(blocks) != cfg.num_blocks:
+        problems.append(f"--pipeline-stage-blocks {','.join(map(str, blocks))} sums to {sum(blocks)}; the SUV has "
+                        f"{cfg.num_blocks} blocks")
+    if vpp > 1:
+        problems.append(f"--virtual-pipeline-model-parallel-size {vpp}: the trainer runs one chunk per PP rank "
+                        "(interleaving is available to the model API, mm.distributed.pipeline)")
+    return problems

@@ -83,9 +83,11 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
         if spec is not None and spec.enable_encoder_dp and not run.parallel.encoder_data_parallel:
             run = dataclasses.replace(run, parallel=dataclasses.replace(run.parallel, encoder_data_parallel=True))
         par, tr = run.parallel, run.training
-        if par.pipeline_model_parallel_size > 1:
-            problems.add(f"--pipeline-model-parallel-size {par.pipeline_model_parallel_size}: the SUV trainer "
-                         "supports TP (+SP) x CP x DP; pipeline parallelism must be 1")
+        if suv is not None:
+            from mm.distributed.pipeline import pipeline_problems
+
+            for msg in pipeline_problems(suv, par):
+                problems.add(msg)
         group = par.tensor_model_parallel_size * par.context_parallel_size
         if suv is not None and suv.num_heads % group:
             problems.add(f"--tensor-model-parallel-size {par.tensor_model_parallel_size} x --context-parallel-size "

@@ -32,6 +32,7 @@ from mm.data.config import DataConfig
 from mm.diffusion.flow_matching import dynamic_shift, flow_matching_loss, q_sample, velocity_target
 from mm.distributed.encoder_dp import EncoderDPFeatures
 from mm.distributed.init import ParallelState, init_parallel
+from mm.distributed import pipeline
 from mm.distributed.parallelize import apply_recompute, wrap_ddp
 from mm.ops import current_backend
 from mm.training import checkpointing as ckpt
@@ -83,10 +84,9 @@ class Trainer:
                                         ck.load_optim and not ck.finetune)
         if problems:  # before anything is built
             raise ConfigErrors(problems)
-        if run.parallel.pipeline_model_parallel_size > 1:
-            raise ValueError("the SUV trainer supports TP (+SP) x CP (Ulysses) x DP; pipeline_model_parallel_size="
-                             f"{run.parallel.pipeline_model_parallel_size} must be 1 (PP stage split is not "
-                             "implemented yet)")
+        pp_problems = pipeline.pipeline_problems(spec.suv_config(), run.parallel)
+        if pp_problems:
+            raise ConfigErrors(pp_problems)
         self.ps: ParallelState = init_parallel(run.parallel, run.backend.name)
         self.backend = current_backend()
         self.device = self.ps.device  # models, features, generators and collectives of this rank live here
@@ -111,7 +111,12 @@ class Trainer:
 
         # the denoiser: TP layout from the parallel state, recompute, DDP, optimizer with EMA
         ckpt_path = spec.predictor_checkpoint if spec.predictor_checkpoint else None
-        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path, device=self.device)
+        # PP: this rank's chunk of the U (stage cuts from the cost model or --pipeline-stage-blocks)
+        chunk_kwargs, self.pipeline_plan = pipeline.trainer_chunk_kwargs(spec.suv_config(), self.ps, run.parallel,
+                                                                         data_cfg, tr.seed)
+        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path, device=self.device,
+                               **chunk_kwargs)
+        pipeline.configure_pipeline([self.model], self.ps)  # before DDP: it reads the embedder's bucket tags
         apply_recompute(self.model, tr.recompute_granularity,
                         tr.selective_recompute_ffn_layers if tr.recompute_granularity == "selective"
                         else tr.recompute_num_layers)
@@ -232,8 +237,10 @@ class Trainer:
         noised = q_sample(z0, shift=shift, generator=self.noise_generator, sigma_min=self.spec.diffusion.sigma_eps,
                           sync_groups=(self.ps.tp_group, self.ps.cp_group))
         dt = self.param_dtype
-        pred = model(noised.x.to(dt), noised.timesteps, feats.text.to(dt), feats.text_mask, feats.pooled.to(dt),
-                     feats.video_mask)
+        # PP: every stage gets the same micro-batch (same sigma and noise: the noise stream is seeded per DP
+        # rank); the first stage embeds it, the others take the received boundary tensor, the last one the loss
+        pred = pipeline.run_chunk(model, self.model, noised.x.to(dt), noised.timesteps, feats.text.to(dt),
+                                  feats.text_mask, feats.pooled.to(dt), feats.video_mask)
         target = velocity_target(z0, noised.eps)
         self._micro_samples += z0.shape[0]
         self._latent_shape = tuple(z0.shape[2:])
@@ -266,6 +273,7 @@ class Trainer:
         self.scheduler.step(increment=1)
         loss = (torch.stack([d["loss"] for d in losses]).mean() if losses
                 else torch.tensor(math.nan, device=self.device))
+        loss = pipeline.loss_from_last_stage(loss, self.ps)  # PP: only the last stage computed it
         if dist.is_initialized():
             self._beat("the loss all-reduce over DP")
             dist.all_reduce(loss, group=self.ps.dp_group)
@@ -515,6 +523,8 @@ class Trainer:
             f"starting at iteration {self.iteration}",
         ]
         logger.info("start-up summary\n  " + "\n  ".join(lines))
+        if self.pipeline_plan:  # PP: each stage's blocks, received skips and estimated cost
+            logger.info(self.pipeline_plan)
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
