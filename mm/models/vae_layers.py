@@ -222,7 +222,8 @@ class CausalUpsample3D(nn.Module):
     a frame with its left or right neighbour at 1/4 : 3/4 and the ends clamp) and then 2x in space:
     T -> 2T - 1 frames. Streaming: the cache holds the last committed frame of the rest sequence (none
     yet: an empty tensor); a chunk prepends it, interpolates, and drops the two output frames that
-    belong to that carried frame. The right neighbour of a chunk's last frame is its look-ahead frame.
+    belong to that carried frame. The right neighbour of a chunk's last committed frame is its first
+    look-ahead frame; the last output (which would need the frame after the look-ahead) is dropped.
 
     The spatial 2x interpolation acts on every frame alone (its temporal weight is exactly 1 on the
     frame itself), so the frames are assembled and the conv's causal context is prepended at the input
@@ -254,6 +255,9 @@ class CausalUpsample3D(nn.Module):
             # last committed frame of the rest sequence (which starts at frame 1 of the first chunk)
             carry_start = max(committed - 1, 1) if first_chunk else committed - 1
             stream.cache.set(self, xf[:, :, carry_start:committed].clone())
+            if stream.lookahead:
+                # the last output needs the frame after the look-ahead; nothing downstream needs it
+                frames = frames[:, :, :-1]
             stream = stream.upsampled()
         # [B, C, 2T - 1 (first chunk) or 2T, H, W] -> padded at input resolution -> [.., 2H, 2W]
         padded = _upsample_space(self.conv.pad(frames, stream))

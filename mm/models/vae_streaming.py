@@ -8,8 +8,10 @@ reach keep the frames the next chunk needs. This module is the clean version of 
 * ``Stream`` is what a layer receives: the cache plus ``lookahead``, the number of trailing input frames
   that are look-ahead only (the decoder feeds one extra latent frame so the trilinear upsampler sees its
   right neighbour, spec §4.7 "decoder overlap"). Look-ahead frames are computed but never committed to
-  the cache; their outputs are discarded by the caller. After a 2x temporal upsampler the look-ahead
-  doubles (``Stream.upsampled``).
+  the cache. A 2x temporal upsampler turns ``n`` look-ahead frames into ``2n - 1``: it drops the last
+  output, which would need the frame after the look-ahead and which no later layer needs
+  (``Stream.upsampled``), so the look-ahead costs one frame per level instead of doubling; the decoder
+  drops the remaining look-ahead frames at its output.
 * ``causal_pad`` is the one place where the amount of carried context is decided. For a causal conv
   with temporal kernel ``k`` and stride ``s`` applied to the padded committed frames ``P`` (length
   ``L``), ``n = (L - k) // s + 1`` windows are complete and the next chunk's first window starts at
@@ -20,8 +22,8 @@ reach keep the frames the next chunk needs. This module is the clean version of 
 
 Chunk plans are computed per call from the frame count (spec §12 item 10: nothing is frozen at the
 first call); the streaming is exact for any chunk boundaries, including 1-frame chunks and T = 1 (the
-encoder needs every chunk after a first of 1 + 8k frames to be a multiple of 8 frames). The plans balance chunk sizes: PyTorch's CPU conv3d falls back to an im2col
-kernel with ~27x memory for short inputs, so a tiny trailing chunk would cost more than a full one.
+encoder needs every chunk after a first of 1 + 8k frames to be a multiple of 8 frames). The plans
+balance chunk sizes, so that no chunk is needlessly short.
 """
 
 from __future__ import annotations
@@ -57,9 +59,9 @@ class Stream:
     cache: TemporalCache
     lookahead: int = 0  # trailing input frames that are look-ahead only (not committed)
 
-    def upsampled(self, factor: int = 2) -> Stream:
-        """The same stream after a temporal upsampling by ``factor`` (look-ahead scales with it)."""
-        return Stream(self.cache, self.lookahead * factor)
+    def upsampled(self) -> Stream:
+        """The same stream after a 2x temporal upsampler, which keeps ``2n - 1`` of ``2n`` look-ahead outputs."""
+        return Stream(self.cache, max(2 * self.lookahead - 1, 0))
 
 
 def causal_pad(
@@ -139,7 +141,7 @@ def decoder_chunks(num_latents: int, chunk_latents: int) -> list[tuple[int, int,
     """Latent-frame chunks ``(start, end, lookahead)``; the first also holds latent 0, sizes balanced.
 
     Every chunk but the last gets one look-ahead latent (its right neighbour, needed by the trilinear
-    temporal interpolation of its last frame); its outputs are computed and discarded.
+    temporal interpolation of its last frame); the decoder computes it only as far as that needs.
     """
     assert chunk_latents > 0, chunk_latents
     groups = _balanced(num_latents - 1, chunk_latents) if num_latents > 1 else [0]

@@ -465,9 +465,8 @@ class WFVAE(nn.Module):
             if out is None:
                 assert chunk.shape[2] == frames, (chunk.shape, frames)
                 return chunk
-            keep = chunk.shape[2] - SCALE_FACTOR[0] * lookahead  # drop the look-ahead latent's frames
-            out[:, :, written : written + keep] = chunk[:, :, :keep]
-            written += keep
+            out[:, :, written : written + chunk.shape[2]] = chunk  # the decoder dropped the look-ahead frames
+            written += chunk.shape[2]
             del h, l2, chunk  # free this chunk's activations before the next one is computed
         assert written == frames, (written, frames)
         return out

@@ -111,8 +111,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Latents [B, latent, t, h, w] -> video [B, 3, 8(t-1) + 1, 8h, 8w].
 
-    With a stream whose look-ahead is ``n`` latent frames, the output has ``8n`` extra trailing frames
-    that the caller discards.
+    With a stream whose look-ahead is ``n`` latent frames, the output holds the committed latents'
+    frames only (the look-ahead frames are computed as far as the upsamplers need them, then dropped).
     """
 
     def __init__(
@@ -174,12 +174,22 @@ class Decoder(nn.Module):
         ef = self.energy_flow_hidden_size
         h, stream2 = _run(self.up2, h, stream)  # [B, 768, 31, 144, 256]
         l1_coeffs, _ = _run(self.connect_l1, h[:, -ef:], stream2)  # [B, 24, 31, 144, 256]
-        l1_coeffs[:, :RGB] += l2  # low band into the LLL slot (in place: l1_coeffs is a fresh conv output)
+        l1_coeffs[:, :RGB] += _frames_like(l2, l1_coeffs)  # low band into the LLL slot, in place
         l1 = self.inverse_wavelet_transform_l2(l1_coeffs, stream2)  # [B, 3, 61, 288, 512]
 
         h, stream4 = _run(self.up1, h[:, :-ef], stream2)  # [B, 320, 61, 288, 512]
         h, _ = _run(self.layer, h, stream4)  # [B, 160, 61, 288, 512]
         h = activated_input(self.norm_out, self.conv_out, h)
         h = self.conv_out.convolve(h)  # [B, 24, 61, 288, 512]
-        h[:, :RGB] += l1
-        return self.inverse_wavelet_transform_out(h, stream4)  # [B, 3, 121, 576, 1024]
+        h[:, :RGB] += _frames_like(l1, h)
+        out = self.inverse_wavelet_transform_out(h, stream4)  # [B, 3, 121, 576, 1024]
+        lookahead = 2 * stream4.lookahead if stream4 is not None else 0  # the Haar pairs of look-ahead frames
+        return out[:, :, : out.shape[2] - lookahead]
+
+
+def _frames_like(band: torch.Tensor, trunk: torch.Tensor) -> torch.Tensor:
+    """A wavelet band cut to the trunk's frames: with a look-ahead, the band (an inverse Haar transform,
+    2 frames per input frame) ends with one look-ahead frame more than the trunk, whose upsampler dropped it.
+    """
+    assert 0 <= band.shape[2] - trunk.shape[2] <= 1, (band.shape, trunk.shape)
+    return band[:, :, : trunk.shape[2]]
