@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import re
+import sys
+import time
 from typing import Any, Callable
 
 import torch
@@ -98,7 +100,10 @@ def extract_features(cfg: DataConfig, out_dir: str, *, vae: Any, t5: Any, clip: 
         next_k += 1
         tensors, indices, captions, bad = {}, [], [], {}
 
-    for i in todo:
+    from tqdm import tqdm
+
+    t0 = time.time()
+    for i in tqdm(todo, desc=f"encode rank {rank}", unit="sample", disable=rank != 0 or not sys.stderr.isatty()):
         try:
             s = dataset.load(i, 0)
         except SampleError as e:
@@ -116,6 +121,9 @@ def extract_features(cfg: DataConfig, out_dir: str, *, vae: Any, t5: Any, clip: 
         if len(indices) >= shard_size:
             flush()
     flush()
+    seconds = time.time() - t0
+    logger.info("rank %d: encoded %d samples in %.1fs (%.2f samples/s)", rank, encoded, seconds,
+                encoded / seconds if seconds > 0 else 0.0)
     if rank == 0 and not os.path.exists(os.path.join(out_dir, NULL_TEXT_FILE)):
         null = text.encode("")
         feats = encode_text(t5, clip, null["prompt_ids"], null["prompt_mask"], null["prompt_ids_2"])
