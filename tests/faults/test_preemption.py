@@ -55,17 +55,22 @@ def _exit_flags(rank, world, ws, root):
     by_interval = (t.iteration, t.stop_reason)
     t.run = replace_training(t.run, exit_interval=None, exit_duration_in_mins=1e-9)
     t.train()
-    return by_interval, (t.iteration, t.stop_reason)
+    by_duration = (t.iteration, t.stop_reason)
+    t.run = replace_training(t.run, exit_duration_in_mins=None)
+    _signal_at(t, 0, signal.SIGTERM, 5)
+    t.train()
+    return by_interval, by_duration, (t.iteration, t.stop_reason)
 
 
-def test_exit_interval_and_duration_stop_with_a_checkpoint(ws, tmp_path):
+def test_sigterm_exit_interval_and_duration_stop_with_a_checkpoint(ws, tmp_path):
     from mm.training.checkpointing import complete_dirs
 
     root = str(tmp_path / "c")
-    by_interval, by_duration = run_distributed(_exit_flags, 1, args=(ws, root), timeout=240)[0]
+    by_interval, by_duration, by_sigterm = run_distributed(_exit_flags, 1, args=(ws, root), timeout=240)[0]
     assert by_interval == (2, "--exit-interval 2 reached")
     assert by_duration == (3, "--exit-duration-in-mins 1e-09 reached")
-    assert sorted(complete_dirs(root)) == [2, 3]
+    assert by_sigterm == (5, "received SIGTERM")  # before: SIGTERM killed the run with nothing saved
+    assert sorted(complete_dirs(root)) == [2, 3, 5]
 
 
 def _hang(rank, world, ws, log_dir):
