@@ -3,8 +3,6 @@ ours -> upstream-legacy -> ours, and training resumes from the converted checkpo
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from checkpoint_tools import cli
@@ -26,24 +24,22 @@ def _train(rank, world, ws, iters, save, load):
         parallel=ParallelConfig(tensor_model_parallel_size=2, sequence_parallel=True),
         optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3, use_distributed_optimizer=True, adam_eps=1e-15),
         training=TrainingConfig(micro_batch_size=1, global_batch_size=2, train_iters=iters, seed=1234),
-        checkpoint=CheckpointConfig(save=save, load=load, save_interval=2),
+        checkpoint=CheckpointConfig(save=save, load=load, save_interval=1),
     )
-    spec = dataclasses.replace(load_model_json(ws["model"]))
-    t = Trainer(spec, load_data_config(ws["data"]), run, data_num_workers=0)
+    t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
     return [r.loss for r in t.train()]
 
 
 def test_optimizer_state_survives_legacy_round_trip_and_training_resumes(ws, tmp_path):
     ours = tmp_path / "ours"
-    run_distributed(_train, 2, args=(ws, 2, str(ours), None), timeout=240)
+    uninterrupted = run_distributed(_train, 2, args=(ws, 2, str(ours), None), timeout=240)[0]
     legacy, back = tmp_path / "legacy", tmp_path / "back"
-    r = cli.convert(str(ours), str(legacy), "upstream-legacy", tp=2)
+    r = cli.convert(str(ours / "iter_0000001"), str(legacy), "upstream-legacy", tp=2)
     assert {"param", "exp_avg", "exp_avg_sq", "ema_params", "raw", "ema"} <= set(r["groups"])
     cli.convert(str(legacy), str(back), "ours")
-    equal, lines = cli.diff(str(ours), str(back), all_groups=True)
+    equal, lines = cli.diff(str(ours / "iter_0000001"), str(back), all_groups=True)
     assert equal, "\n".join(lines)
-    assert cli.verify(str(back)) == []
 
-    direct = run_distributed(_train, 2, args=(ws, 4, None, str(ours)), timeout=240)[0]
-    converted = run_distributed(_train, 2, args=(ws, 4, None, str(back)), timeout=240)[0]
-    assert len(direct) == 2 and converted == direct  # exact: same weights, moments, EMA, sampler and RNG
+    resumed = run_distributed(_train, 2, args=(ws, 2, None, str(back)), timeout=240)[0]
+    # exact: the same weights, Adam moments, EMA, LR schedule, sampler position and RNG states
+    assert len(resumed) == 1 and resumed[0] == uninterrupted[1]
