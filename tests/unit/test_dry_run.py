@@ -48,9 +48,17 @@ def test_released_model_at_1024_devices(video4_flags):
     assert "Ascend-910B-64GB fits" in out and "configuration valid" in out
 
 
-def test_dry_run_rejects_pipeline_parallelism_with_the_trainer_message(video4_flags):
-    code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "2"])
-    assert code == 2 and "pipeline parallelism must be 1" in err
+def test_dry_run_at_pp4_prints_the_stage_cuts_and_per_stage_parameters(video4_flags):
+    code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4"])
+    assert code == 0, err
+    assert "world 1024 = TP 4 x PP 4 x CP 1 x DP 64" in out
+    # 121x576x1024: the dense outer blocks cost more, so the cost model gives the outer stages fewer blocks
+    assert "stage 0 (PP rank 0, chunk 0): blocks 0-5 (6), receives 0 skips" in out
+    assert "stage 3 (PP rank 3, chunk 0): blocks 26-31 (6), receives 2 skips" in out
+    assert out.count("PP stage ") == 4 and "not available at PP > 1" in out
+    code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
+                                           "--pipeline-stage-blocks", "8,8,8,7"])
+    assert code == 2 and "--pipeline-stage-blocks 8,8,8,7 sums to 31; the SUV has 32 blocks" in err
 
 
 def test_world_size_goes_with_dry_run(video4_flags):
