@@ -8,8 +8,10 @@ With a ``data.json`` the filters come from it (the overrides still apply); with 
 released v1.5 defaults are used (121 frames, 576x1024), so pass the overrides for small data. Nothing is
 decoded: only the annotations are read, through the on-disk index (``mm.data.build_index``: the cached one
 of this config, built on first use, or ``--data-index DIR``), so a second run reads only the index
-manifest; ``--in-memory`` filters the annotations in this process instead (the reference path). Exit code 0
-when the index was built (even if it is empty), 2 on bad arguments.
+manifest; ``--in-memory`` filters the annotations in this process instead (the reference path).
+``--verify`` also opens every file (``mm.data.verify``); the bad ones are recorded in the index's
+``bad_samples.jsonl``, so the next use of the index (training included) rebuilds it without them. Exit code
+0 when the index was built (even if it is empty), 1 when ``--verify`` found bad files, 2 on bad arguments.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import sys
 
 from mm.data.build_index import add_filter_overrides, config_from_args, open_index
 from mm.data.index import build_index
+from mm.data.index_store import BAD_SAMPLES, record_bad_samples
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         report = verify_dataset(cfg.data_path, cfg.video_reader_type, workers=a.workers or 4,
                                 progress=sys.stderr.isatty())
         print(report.summary())
+        if report.bad_files and not a.in_memory:  # the next open rebuilds the index without them
+            n = record_bad_samples(index.dir, report.bad_files)
+            print(f"{n} new bad files recorded in {index.dir}/{BAD_SAMPLES}: the next use of the index drops them")
         return 1 if report.num_bad else 0
     return 0
 

@@ -69,6 +69,7 @@ class VerifyReport:
     checked: int = 0
     problems: Counter = field(default_factory=Counter)
     examples: dict[str, list[str]] = field(default_factory=lambda: defaultdict(list))
+    bad_files: dict[str, str] = field(default_factory=dict)  # path -> reason, every file that failed a check
 
     def add(self, reason: str, example: str) -> None:
         self.problems[reason] += 1
@@ -109,4 +110,5 @@ def verify_dataset(data_path: str, video_reader_type: str = "auto", workers: int
             if problem is not None:
                 reason, detail = problem
                 report.add(reason, f"{rec.path} ({detail})" if detail else rec.path)
+                report.bad_files[rec.path] = reason
     return report

@@ -358,3 +358,18 @@ def test_epoch_order_shared_through_the_index_directory(tmp_path, monkeypatch):
     assert kept == ["e2.blocks.npy", "e2.visit.npy", "e3.blocks.npy", "e3.visit.npy"]  # older epochs deleted
     build_store(cfg, store.dir)  # a rebuild drops the orders of the old samples
     assert not os.path.exists(store.order_dir)
+
+
+def test_verify_writes_bad_files_into_the_index(tmp_path, capsys):
+    from mm.data import inspect
+    from mm.data.synthetic import write_dataset
+
+    data_txt = write_dataset(str(tmp_path), num=5, frames=9, height=32, width=32, seed=0)
+    (tmp_path / "videos" / "clip_00002.mp4").write_bytes(b"")
+    args = ["--data", data_txt, "--data-index", str(tmp_path / "idx"), "--num-frames", "9", "--height", "32",
+            "--width", "32"]
+    assert inspect.main(args + ["--verify"]) == 1
+    assert "1 new bad files recorded" in capsys.readouterr().out
+    assert inspect.main(args) == 0  # the index is rebuilt without the empty file
+    out = capsys.readouterr().out
+    assert "kept: 4" in out and "dropped empty_file: 1" in out and "clip_00002.mp4" in out
