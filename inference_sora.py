@@ -29,8 +29,14 @@ def main(argv=None) -> int:
     from mm.distributed.init import destroy_parallel, init_parallel
 
     parallel = init_parallel(request.parallel, timeout_s=60 * request.parallel.distributed_timeout_minutes)
+    from mm.training.checkpointing import CheckpointError
+
     try:
         run(request, parallel)
+    except CheckpointError as err:  # no checkpoint under --load verifies: every bad file is named
+        if parallel.rank == 0:
+            print(f"inference_sora.py: error: {err}", file=sys.stderr)
+        return 2
     finally:
         destroy_parallel()
     return 0

@@ -79,3 +79,39 @@ def test_a_failed_resave_keeps_the_good_copy(ws, tmp_path):
     """Before: the old iter_N was deleted first, so a failed re-save lost iteration N."""
     problems, latest = run_distributed(_resave_crash, 1, args=(ws, str(tmp_path / "c")), timeout=240)[0]
     assert problems == [] and latest == 2
+
+
+def _inference_main(argv, conn):
+    import inference_sora
+
+    try:
+        conn.send(inference_sora.main(argv))
+    except BaseException as e:  # noqa: BLE001 (reported to the test, which fails on it)
+        conn.send(f"raised {type(e).__name__}: {e}")
+    conn.close()
+
+
+def test_inference_names_the_damaged_file(tmp_path, capfd):
+    """Before: EOFError 'Ran out of input' with no file named; now one error line and exit 2."""
+    import multiprocessing as mp
+    import shutil
+
+    from inference_artifacts import tiny_artifacts
+
+    paths = tiny_artifacts()
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(paths["ckpt"], ckpt)
+    shard = _largest_shard(next(ckpt.glob("iter_*")))
+    shard.write_bytes(shard.read_bytes()[:100])
+    argv = ["--mm-model", paths["inference.json"], "--load", str(ckpt), "--upstream-vae", paths["wfvae.ckpt"],
+            "--save-path", str(tmp_path / "out"), "--no-progress", "--prompt", "a red square",
+            "--num-inference-steps", "1"]
+    parent, child = mp.get_context("fork").Pipe(duplex=False)
+    p = mp.get_context("fork").Process(target=_inference_main, args=(argv, child))
+    p.start()
+    code = parent.recv() if parent.poll(240) else None
+    p.join(30)
+    err = capfd.readouterr().err
+    assert code == 2, err[-3000:]
+    lines = [ln for ln in err.splitlines() if "inference_sora.py: error:" in ln]
+    assert len(lines) == 1 and shard.name in lines[0] and "truncated" in lines[0], err[-3000:]
