@@ -80,9 +80,8 @@ def _hang(rank, world, ws, log_dir):
 
     handler = logging.FileHandler(Path(log_dir) / f"rank{rank}.log")
     logging.getLogger("mm.watchdog").addHandler(handler)
-    run = run_config(iters=50)
-    run = replace(run, parallel=replace(run.parallel, distributed_timeout_minutes=0.05))
-    t = trainer(ws, run)
+    t = trainer(ws, run_config(iters=50))  # built with the default timeouts: a slow build is no hang
+    t.run = replace(t.run, parallel=replace(t.run.parallel, distributed_timeout_minutes=0.05))  # the watchdog's
     step = t.forward_step
 
     def forward_step(it, model):
