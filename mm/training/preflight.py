@@ -57,7 +57,7 @@ def _missing_data_files(cfg: DataConfig) -> list[str]:
 
 def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelSpec, DataConfig, RunConfig]:
     """(model spec, data config, run config) of a valid command line; ``ConfigErrors`` listing every problem."""
-    from mm.training.checkpointing import resume_problems
+    from mm.training.checkpointing import candidate_iterations, resume_problems
 
     problems = Problems()
     spec = data_cfg = run = suv = None
@@ -103,5 +103,8 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
     for msg in resume_problems(args.load, args.save, args.use_distributed_optimizer,
                                not args.no_load_optim and not args.finetune):
         problems.add(msg)
+    if args.finetune and args.save and candidate_iterations(args.save):
+        problems.add(f"--finetune restarts at iteration 0 but --save {args.save} already holds checkpoints (their "
+                     "higher iteration numbers would be resumed and would prune the new ones): use a new --save")
     problems.raise_if_any()
     return spec, data_cfg, run

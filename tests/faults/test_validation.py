@@ -44,6 +44,16 @@ def test_each_bad_flag_is_one_error_line(ws, capsys, monkeypatch, extra, world, 
     assert len(lines) == 1 and words in lines[0], lines
 
 
+def test_finetune_into_a_directory_with_checkpoints(ws, tmp_path, capsys, monkeypatch):
+    from mm.training.checkpointing import LATEST
+
+    (tmp_path / "iter_0000010").mkdir()
+    (tmp_path / LATEST).write_text("10\n")
+    assert _train(ws, "--finetune", "--load", str(tmp_path), "--save", str(tmp_path), monkeypatch=monkeypatch) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 1 and "--finetune restarts at iteration 0" in lines[0], lines
+
+
 def test_all_problems_reported_at_once(ws, tmp_path, capsys, monkeypatch):
     model = json.loads(Path(ws["model"]).read_text())
     model["text_encoder"]["from_pretrained"] = str(tmp_path / "no_t5")
