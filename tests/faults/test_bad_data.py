@@ -8,7 +8,7 @@ import io
 import json
 from pathlib import Path
 
-from common import KeepLogs, run_config
+from faults_common import KeepLogs, run_config
 from harness import run_distributed
 from tiny_workspace import make_workspace
 
@@ -46,7 +46,7 @@ def test_inspect_verify_opens_every_file(tmp_path, capsys):
 
 
 def _train_with_a_bad_clip(rank, world, ws, root):
-    from common import trainer
+    from faults_common import trainer
 
     keep = KeepLogs("mm.data", "mm.train")
     t = trainer(ws, run_config(iters=8, save=root, save_interval=100, gbs=1))  # two epochs of 4 clips

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from common import KeepLogs, run_config, trainer
+from faults_common import KeepLogs, run_config, trainer
 from harness import run_distributed
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from common import run_config, trainer
+from faults_common import run_config, trainer
 from harness import DistributedTestError, run_distributed
 
 ITERS, INTERVAL = 4, 2

@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from common import replace_training, run_config, trainer
+from faults_common import replace_training, run_config, trainer
 from harness import DistributedTestError, run_distributed
 from tiny_workspace import ROOT
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from common import KeepLogs, run_config, trainer
+from faults_common import KeepLogs, run_config, trainer
 from harness import run_distributed
 
 

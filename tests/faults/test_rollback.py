@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from common import KeepLogs, replace_training, run_config, trainer
+from faults_common import KeepLogs, replace_training, run_config, trainer
 from harness import run_distributed
 
 
