@@ -12,6 +12,7 @@ import json
 import logging
 import resource
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # megatron-core's import-time notes (no Transformer Engine / Apex) and DCP's "single process" note say
+    # nothing about the checkpoint
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         if args.command == "inspect":
             src, lines = inspect(args.path)
