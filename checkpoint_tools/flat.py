@@ -18,7 +18,7 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -259,7 +259,3 @@ def write_diffusers(path: Path, infos: Mapping[str, TensorInfo], read: Callable[
 def is_diffusers_dir(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file() and (
         (path / DIFFUSERS_INDEX).is_file() or (path / DIFFUSERS_SINGLE).is_file())
-
-
-def all_files(paths: Iterable[Path]) -> int:
-    return sum(p.stat().st_size for p in paths if p.is_file())
