@@ -1,5 +1,6 @@
 """Pipeline parallelism of the U-shaped SUV on megatron's own schedules (gloo ranks, issue 14): PP = 2, PP = 4,
-PP = 2 with interleaving (VPP = 2), PP2 x TP2 + SP and PP2 x CP2 give the one-process losses and EVERY
+PP = 2 with interleaving (VPP = 2), PP2 x TP2 + SP and PP2 x CP2 (PP4 with full, PP2 x TP2 + SP with selective
+activation recompute) give the one-process losses and EVERY
 gradient (conditioning embedder, long-skip merges, blocks, head), with random skip weights so that a dropped
 skip path cannot pass. Pure helpers (cost model, cuts, packing) are checked here too."""
 
@@ -14,6 +15,7 @@ from suv_testing import random_inputs, random_state_dict, tiny_config
 
 NUM_MICRO = 4  # a multiple of PP (interleaving needs it)
 # name -> (world, parallel config kwargs, blocks per virtual stage, vpp, W, L)
+RECOMPUTE = {"pp4": "full", "pp2_tp2_sp": "selective"}
 CASES = {
     "pp2": (2, {}, [7, 7], 1, 10, 6),
     "pp4": (4, {}, [3, 4, 4, 3], 1, 10, 6),
@@ -48,12 +50,12 @@ def _reference(W, L):
     return full_sd, micro, losses, grads
 
 
-def _pp_run(rank, world, par, stage_blocks, vpp, full_sd, micro):
+def _pp_run(rank, world, par, stage_blocks, vpp, full_sd, micro, recompute):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from mm.config import ParallelConfig
     from mm.distributed.init import init_parallel
-    from mm.distributed.parallelize import wrap_ddp_chunks
+    from mm.distributed.parallelize import apply_recompute, wrap_ddp_chunks
     from mm.distributed.pipeline import build_pipeline_chunks, configure_pipeline, run_chunk, schedule_seq_length
     from mm.models.sparse_ummdit import gather_upstream_state_dict, load_upstream_state_dict
 
@@ -64,6 +66,7 @@ def _pp_run(rank, world, par, stage_blocks, vpp, full_sd, micro):
     for chunk in chunks:
         load_upstream_state_dict(chunk, full_sd)
         chunk.train()
+        apply_recompute(chunk, recompute, chunk.block_range[1] - chunk.block_range[0])
     configure_pipeline(chunks, ps, vpp)
     ddps = wrap_ddp_chunks(chunks, use_distributed_optimizer=False)
 
@@ -96,7 +99,8 @@ def test_pipeline_matches_single_process(case):
         full_sd, micro, ref_losses, ref_grads = _reference(W, L)
     finally:
         torch.set_num_threads(n)
-    results = run_distributed(_pp_run, world, args=(par, stage_blocks, vpp, full_sd, micro), timeout=240)
+    results = run_distributed(_pp_run, world, args=(par, stage_blocks, vpp, full_sd, micro, RECOMPUTE.get(case)),
+                              timeout=240)
     pp = len(stage_blocks) // vpp
     last = [r for r in results if r[0] == pp - 1]
     for _, losses, _ in last:  # the last stage reports the micro-batch losses
