@@ -155,7 +155,7 @@ class GroupedDistributedSampler:
                         if m and int(m.group(1)) < epoch - 1:
                             os.remove(old)  # ranks still mapping it keep their pages until they unmap
         blocks = np.load(stem + ".blocks.npy", mmap_mode="r")
-        visit = np.load(stem + ".visit.npy")
+        visit = np.load(stem + ".visit.npy", mmap_mode="r")  # N / global_batch_size entries: mapped too
         assert blocks.shape == (self.epoch_length // self.global_batch_size, self.global_batch_size), stem
         return blocks, visit
 
