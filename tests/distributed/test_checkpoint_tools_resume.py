@@ -39,6 +39,8 @@ def test_optimizer_state_survives_legacy_round_trip_and_training_resumes(ws, tmp
     cli.convert(str(legacy), str(back), "ours")
     equal, lines = cli.diff(str(ours / "iter_0000001"), str(back), all_groups=True)
     assert equal, "\n".join(lines)
+    flat = cli.convert(str(back), str(tmp_path / "model_ema.safetensors"), "released")
+    assert flat["notes"] == ["optimizer state dropped: released holds no optimizer state"]
 
     resumed = run_distributed(_train, 2, args=(ws, 2, None, str(back)), timeout=240)[0]
     # exact: the same weights, Adam moments, EMA, LR schedule, sampler position and RNG states
