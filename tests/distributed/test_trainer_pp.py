@@ -35,6 +35,11 @@ def _train(rank, world, ws, par: dict, iters: int, gbs: int, save=None, load=Non
         checkpoint=CheckpointConfig(save=save, load=load, save_interval=2, load_rng=load_rng),
     )
     t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
+    if distopt and t.ps.pp_size > 1:  # each replicated embedder parameter alone in its bucket: same DP shards
+        embedder = set(t.model.time_text_embed.parameters())  # on every stage, whatever else the stage holds
+        for buffer in t.ddp.buffers:
+            for bucket in buffer.buckets:
+                assert not embedder & set(bucket.params) or len(bucket.params) == 1, bucket.params
     return [(r.loss, r.grad_norm) for r in t.train()]
 
 
