@@ -59,6 +59,9 @@ def test_dry_run_at_pp4_prints_the_stage_cuts_and_per_stage_parameters(video4_fl
     code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
                                            "--pipeline-stage-blocks", "8,8,8,7"])
     assert code == 2 and "--pipeline-stage-blocks 8,8,8,7 sums to 31; the SUV has 32 blocks" in err
+    code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
+                                           "--virtual-pipeline-model-parallel-size", "2"])
+    assert code == 2 and "the trainer runs one chunk per PP rank" in err
 
 
 def test_world_size_goes_with_dry_run(video4_flags):
