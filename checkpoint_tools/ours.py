@@ -9,9 +9,9 @@ distributed optimizer (``fully_reshardable``: one global tensor per parameter); 
 trainer's state and the optimizer's param_groups.
 
 The layout a checkpoint was saved with is read back from it: TP from the chunks of a column-parallel
-weight, DP from the saved world size. Pipeline parallelism is not implemented for the SUV yet, so our
-checkpoints are PP = 1; once it is, blocks keep their global ``transformer_blocks.<stage>.<block>`` names
-and a change of PP is again a plain load (the file is global).
+weight, PP and CP from the trainer's run config in the common state, DP from the saved world size.
+Tensors are global (blocks keep their ``transformer_blocks.<stage>.<block>`` names at any PP), so a change
+of TP/PP/DP is a plain load and needs no conversion.
 
 Writing goes through megatron's own ``dist_checkpointing.save`` in this one process (a world of one,
 gloo): each tensor is one global chunk, which megatron loads at any TP/DP size (resharding happens on
@@ -116,9 +116,15 @@ class OursSource(Source):
             self._names[(group, key)] = name
         self.infos = {g: {k: v[k] for k in canonical(v)} for g, v in groups.items() if v}
         tp = self._saved_tp(tensors)
-        self.layout = {"tp": tp, "pp": 1}
+        # PP and CP leave no trace in global tensors: the trainer's run config records them
+        parallel = (self.common.get("config") or {}).get("parallel") or {}
+        pp = int(parallel.get("pipeline_model_parallel_size", 1))
+        cp = int(parallel.get("context_parallel_size", 1))
+        self.layout = {"tp": tp, "pp": pp}
+        if cp > 1:
+            self.layout["cp"] = cp
         if world:
-            self.layout["dp"] = world // tp
+            self.layout["dp"] = world // (tp * pp * cp)
         self.extra["samples_seen"] = self.common.get("samples_seen")
         cfg = self.common.get("config", {})
         pred = cfg.get("model", {}).get("predictor") if isinstance(cfg.get("model"), dict) else None

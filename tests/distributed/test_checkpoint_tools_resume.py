@@ -33,6 +33,7 @@ def _train(rank, world, ws, iters, save, load):
 def test_optimizer_state_survives_legacy_round_trip_and_training_resumes(ws, tmp_path):
     ours = tmp_path / "ours"
     uninterrupted = run_distributed(_train, 2, args=(ws, 2, str(ours), None), timeout=240)[0]
+    assert cli.open_checkpoint(ours).layout == {"tp": 2, "pp": 1, "dp": 1}
     legacy, back = tmp_path / "legacy", tmp_path / "back"
     r = cli.convert(str(ours / "iter_0000001"), str(legacy), "upstream-legacy", tp=2)
     assert {"param", "exp_avg", "exp_avg_sq", "ema_params", "raw", "ema"} <= set(r["groups"])
