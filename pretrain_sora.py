@@ -62,6 +62,9 @@ def main(argv=None) -> int:
     from mm.logs import setup_logging
 
     rank = setup_logging()  # rank 0 reports progress; the others only warnings
+    from mm.training.watchdog import watch_parent
+
+    watch_parent(rank)  # first: under torchrun, exit when the agent dies instead of training on as an orphan
     from mm.config import ConfigErrors
     from mm.config_upstream import warn_inert_flags
     from mm.training.preflight import validate_training
@@ -86,13 +89,10 @@ def main(argv=None) -> int:
     except BackendUnavailableError as e:
         _errors([str(e)], rank)
         return 2
+    from mm.training.checkpointing import CheckpointError
     from mm.training.clipping import TooManyBadSteps
     from mm.training.trainer import Trainer
-    from mm.training.watchdog import watch_parent
 
-    from mm.training.checkpointing import CheckpointError
-
-    watch_parent(rank)  # under torchrun: exit when the agent dies instead of training on as an orphan
     try:
         trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
                           data_num_workers=args.data_num_workers, data_index=args.data_index)
