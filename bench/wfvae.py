@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("encode_untiled", "encode_tiled", "decode_untiled", "decode_tiled")
@@ -140,6 +141,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES)
     parser.add_argument("--baseline", help="directory holding another version's mm package, compared as ratios")
+    parser.add_argument("--concurrent", action="store_true", help="run each case's two versions at the same time")
     parser.add_argument("--out", help="also write the JSON summary to this file")
     parser.add_argument("--child", choices=CASES, help=argparse.SUPPRESS)
     parser.add_argument("--root", default=ROOT, help=argparse.SUPPRESS)
@@ -152,14 +154,19 @@ def main() -> None:
     results, baseline, diffs = {}, {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
-            ours_out = os.path.join(tmp, f"{case}_ours.pt") if args.baseline else None
-            results[case] = _run_case(args, case, ROOT, ours_out)
-            if args.baseline:
-                base_out = os.path.join(tmp, f"{case}_base.pt")
-                baseline[case] = _run_case(args, case, os.path.abspath(args.baseline), base_out)
-                diffs[case] = _max_abs_diff(ours_out, base_out)
-                os.remove(ours_out)
-                os.remove(base_out)
+            if not args.baseline:
+                results[case] = _run_case(args, case, ROOT, None)
+                continue
+            ours_out, base_out = os.path.join(tmp, f"{case}_ours.pt"), os.path.join(tmp, f"{case}_base.pt")
+            runs = [(ROOT, ours_out), (os.path.abspath(args.baseline), base_out)]
+            if args.concurrent:  # one child each at the same time (CPU time and RSS are per process)
+                with ThreadPoolExecutor(2) as pool:
+                    results[case], baseline[case] = pool.map(lambda r: _run_case(args, case, *r), runs)
+            else:
+                results[case], baseline[case] = (_run_case(args, case, *r) for r in runs)
+            diffs[case] = _max_abs_diff(ours_out, base_out)
+            os.remove(ours_out)
+            os.remove(base_out)
 
     dims = "released dims (base 160, energy flow 128)" if args.released_dims else f"base width {args.base_channels}"
     print(f"WFVAE {dims}, {args.batch}x3x{args.frames}x{args.size}x{args.size}, fp32, {args.threads} thread(s), "

@@ -81,10 +81,12 @@ class WFVAEConfig:
     scale: tuple[float, ...] = LATENT_SCALE
     shift: tuple[float, ...] = LATENT_SHIFT
     dtype: str = "fp32"
-    # temporal tiling: exact, so on by default; chunk lengths after the first frame / latent
+    # temporal tiling: exact, so on by default; chunk lengths after the first frame / latent (the decoder
+    # also computes one look-ahead latent per chunk as far as its upsamplers need it; 2 keeps the chunk
+    # activations below upstream's, which decodes 2 + 1 latents per chunk)
     use_tiling: bool = True
     encode_chunk_frames: int = 8
-    decode_chunk_latents: int = 4
+    decode_chunk_latents: int = 2
     # spatial tiling (beyond upstream): tile and overlap in pixels; 3/8 of 256 px covers the released
     # decoder's 82 px receptive radius, so the defaults are exact (mm.models.vae_spatial_tiling)
     use_spatial_tiling: bool = False
