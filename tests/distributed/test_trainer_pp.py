@@ -72,6 +72,18 @@ def test_pp2_trains_like_pp1_and_resumes_at_pp1_and_tp2(ws, reference, tmp_path)
     assert len(from_pp2) == 1 and _close(from_pp2[0], from_pp1[0]), (from_pp2, from_pp1)
 
 
+@pytest.mark.parametrize("par", [{"tensor_model_parallel_size": 2, "sequence_parallel": True},
+                                 {"context_parallel_size": 2}], ids=["tp2_sp", "cp2"])
+def test_pp2_composed_with_tp_sp_or_cp_trains_like_pp1(ws, reference, par):
+    """TP and CP ranks share the samples and noise of their DP rank: the one-process losses and norms (SP and
+    pipeline grad reductions, the embedder counted once over TP and PP)."""
+    runs = run_distributed(_train, 4, args=(ws, {"pipeline_model_parallel_size": 2, **par}, 2, 4), timeout=300)
+    assert all(r == runs[0] for r in runs)
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*reference)
+    assert _close(losses, ref_losses[:2]) and _close(norms, ref_norms[:2]), (runs[0], reference)
+
+
 def test_pp2_dp2_distributed_optimizer_matches_pp1_dp2(ws):
     """DP = 2 reads other samples and noise than one process: the reference is PP = 1 x DP = 2, both with the
     distributed optimizer (the embedder's shards must match across the two stages' DDP buckets)."""
