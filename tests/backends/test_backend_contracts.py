@@ -20,7 +20,8 @@ import torch
 from mm.ops import reference
 
 FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
-FAKE_MODULES = ("fakes_math", "flash_attn", "apex", "torch_npu")
+FAKE_MODULES = ("fakes_math", "flash_attn", "apex", "torch_npu", "transformer_engine", "transformer_engine_torch",
+                "mindspeed")
 
 
 def _drop(prefixes):
@@ -108,8 +109,9 @@ def test_cuda_attention_rejects_bad_mask(fake_libs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("affine", [True, False])
-def test_cuda_norms_via_apex_match_reference(fake_libs, dtype, affine):
+def test_cuda_norms_via_apex_match_reference(fake_libs, monkeypatch, dtype, affine):
     cuda, *_ = fake_libs
+    monkeypatch.setattr(cuda, "_tex", None)  # apex is used when Transformer Engine is not installed
     g = torch.Generator().manual_seed(2)
     x = (3 * torch.randn(2, 5, 32, generator=g) + 1).to(dtype)
     w = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype) if affine else None
@@ -127,6 +129,125 @@ def test_cuda_norm_with_fp32_weight_on_bf16_input_avoids_apex(fake_libs, caplog)
     with caplog.at_level("INFO", logger="mm.ops.cuda"):
         torch.testing.assert_close(cuda.rms_norm(x, w, 1e-6), reference.rms_norm(x, w, 1e-6))
     assert "weight dtype differs" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------- cuda: choice
+def _reimport_cuda(monkeypatch, choice, hide=()):
+    """``mm.ops.cuda`` imported again under ``MM_CUDA_ATTENTION=choice``, with the libraries in ``hide`` absent."""
+    monkeypatch.setenv("MM_CUDA_ATTENTION", choice)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in hide else real(name, *a))
+    _drop(("mm.ops.cuda",))
+    return importlib.import_module("mm.ops.cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_sdpa_choice_matches_explicit_softmax_and_skips_flash(fake_libs, monkeypatch, caplog, dtype):
+    """MM_CUDA_ATTENTION=sdpa: torch SDPA with the boolean key mask equals softmax over the allowed keys."""
+    _, _, flash, _ = fake_libs
+    from fakes_math import attention_fp32
+
+    with caplog.at_level("INFO", logger="mm.ops.cuda"):
+        cuda = _reimport_cuda(monkeypatch, "sdpa")
+        q, k, v = _qkv(dtype)
+        mask = _mask()
+        before = dict(flash.calls)
+        out = cuda.attention(q, k, v, mask, 0.3)
+    assert flash.calls == before and "MM_CUDA_ATTENTION=sdpa" in caplog.text
+    want = torch.stack([attention_fp32(q[b], k[b], v[b], 0.3, mask[b][None, :].expand(q.shape[1], -1))
+                        for b in range(q.shape[0])])
+    torch.testing.assert_close(out.float(), want, **TOL[dtype])
+    _compare_with_grads(cuda.attention, q, k, v, mask, 0.3, TOL[dtype])
+    assert set(cuda.attention_impls()) == {"sdpa", "flash"}  # the timing table still measures both
+
+
+def test_cuda_attention_choice_is_validated(fake_libs, monkeypatch):
+    with pytest.raises(ValueError, match="MM_CUDA_ATTENTION must be one of"):
+        _reimport_cuda(monkeypatch, "cudnn")
+    with pytest.raises(ImportError, match="MM_CUDA_ATTENTION=flash but flash_attn is not installed"):
+        _reimport_cuda(monkeypatch, "flash", hide=("flash_attn",))
+    cuda = _reimport_cuda(monkeypatch, "auto", hide=("flash_attn",))
+    assert set(cuda.attention_impls()) == {"sdpa"}
+
+
+# ---------------------------------------------------------------------------------------------- cuda: TE
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("affine", [True, False])
+def test_cuda_norms_via_transformer_engine_match_reference(fake_libs, dtype, affine):
+    """TE's norm kernels (preferred over apex) through our autograd function: outputs and gradients."""
+    cuda, *_ = fake_libs
+    tex = sys.modules["transformer_engine_torch"]
+    g = torch.Generator().manual_seed(7)
+    x = (3 * torch.randn(2, 5, 32, generator=g) + 1).to(dtype).requires_grad_()
+    w = (1 + 0.1 * torch.randn(32, generator=g)).to(dtype).requires_grad_() if affine else None
+    b = (0.1 * torch.randn(32, generator=g)).to(dtype).requires_grad_() if affine else None
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=3e-2, rtol=2e-2)
+    gy = torch.randn(2, 5, 32, generator=g).to(dtype)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for name, got_fn, ref_fn, args in (
+        ("rmsnorm", cuda.rms_norm, reference.rms_norm, (w, 1e-6)),
+        ("layernorm", cuda.layer_norm, reference.layer_norm, (w, b, 1e-5)),
+    ):
+        n_fwd, n_bwd = tex.calls[f"{name}_fwd"], tex.calls[f"{name}_bwd"]
+        got, ref = got_fn(x, *args), ref_fn(x, *args)
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, **tol)
+        used = [t for t in leaves if name == "layernorm" or t is not b]
+        for a, r in zip(torch.autograd.grad(got, used, gy), torch.autograd.grad(ref, used, gy)):
+            torch.testing.assert_close(a.float(), r.float(), **tol)
+        assert (tex.calls[f"{name}_fwd"], tex.calls[f"{name}_bwd"]) == (n_fwd + 1, n_bwd + 1)
+
+
+def _rope_tables(chunks, s, layout):
+    """cos/sin of per-chunk angles ``[theta_0..theta_{c/2-1}] * 2`` (mm/models/rope.py), [S,1,1,D] or [1,S,1,D]."""
+    g = torch.Generator().manual_seed(8)
+    halves = [torch.rand(s, c // 2, generator=g) * 6 for c in chunks]
+    angles = torch.cat([torch.cat([a, a], -1) for a in halves], -1)
+    angles = angles[:, None, None] if layout == "sbhd" else angles[None, :, None]
+    return angles, angles.cos(), angles.sin()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["sbhd", "bshd"])
+def test_cuda_chunked_rope_via_transformer_engine_matches_reference(fake_libs, dtype, layout):
+    cuda, *_ = fake_libs
+    te_rope = sys.modules["transformer_engine.pytorch.attention.rope"]
+    chunks = (4, 6, 6)
+    g = torch.Generator().manual_seed(9)
+    shape = (5, 2, 3, 16) if layout == "sbhd" else (2, 5, 3, 16)  # the model calls it with [S, B, H, D]
+    x = torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+    _, cos, sin = _rope_tables(chunks, 5, layout)
+    n = te_rope.calls["fused"]
+    got, ref = cuda.apply_rope(x, cos, sin, chunks), reference.apply_rope(x, cos, sin, chunks)
+    assert te_rope.calls["fused"] == n + len(chunks) and got.dtype == dtype  # TE ran once per chunk
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(got, ref, **tol)
+    gy = torch.randn(shape, generator=g).to(dtype)
+    torch.testing.assert_close(torch.autograd.grad(got, x, gy)[0], torch.autograd.grad(ref, x, gy)[0], **tol)
+    with pytest.raises(ValueError, match="rope chunks"):
+        cuda.apply_rope(x, cos, sin, (4, 6, 4))
+
+
+def test_whole_dim_te_rope_is_caught(fake_libs):
+    """TE rotating halves of the whole head dim (no per-chunk calls) differs from the chunked reference."""
+    cuda, *_ = fake_libs
+    te_rope = sys.modules["transformer_engine.pytorch.attention.rope"]
+    chunks = (4, 6, 6)
+    x = torch.randn(5, 2, 3, 16, generator=torch.Generator().manual_seed(10))
+    angles, cos, sin = _rope_tables(chunks, 5, "sbhd")
+    whole = te_rope.apply_rotary_pos_emb(x, angles.contiguous(), tensor_format="sbhd", fused=True)
+    assert not torch.allclose(whole, reference.apply_rope(x, cos, sin, chunks), atol=1e-3)
+    swapped = cuda.apply_rope(x.transpose(0, 1), cos.transpose(0, 1), sin.transpose(0, 1), chunks)
+    torch.testing.assert_close(swapped, reference.apply_rope(x, cos, sin, chunks).transpose(0, 1))
+
+
+def test_cuda_rope_tables_te_cannot_take_are_recognised(fake_libs):
+    cuda, *_ = fake_libs
+    x = torch.zeros(5, 2, 3, 16)
+    assert cuda._rope_format(x, torch.zeros(5, 1, 1, 16), torch.zeros(5, 1, 1, 16)) == "sbhd"
+    assert cuda._rope_format(x, torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16)) == "bshd"
+    assert cuda._rope_format(x, torch.zeros(5, 2, 1, 16), torch.zeros(5, 2, 1, 16)) is None  # per-sample tables
+    assert cuda._rope_format(x, torch.zeros(5, 16), torch.zeros(5, 16)) is None
 
 
 # ---------------------------------------------------------------------------------------------- npu
@@ -190,7 +311,9 @@ def test_backend_modules_name_their_device(fake_libs):
     _, npu, _, _ = fake_libs
     npu_3 = types.SimpleNamespace(type="npu", index=3)  # torch.device("npu") exists only with torch_npu
     assert npu.device_name(npu_3) == "Ascend910B2 (fake 3)"
-    assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(reference.kernels())
+    from mm.ops.registry import KERNELS
+
+    assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(KERNELS)  # the required kernels
 
 
 # ---------------------------------------------------------------------------------------------- npu patches
