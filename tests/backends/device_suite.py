@@ -12,8 +12,9 @@ Checks:
 * ``suv``: the tiny SUV forward + backward on the device vs the same weights on the CPU (fp32);
 * ``train``: two training steps of the tiny preset on one device, bf16, distributed optimizer, saved;
 * ``inference``: one prompt through ``inference_sora.py`` from that checkpoint (mp4 + sidecar);
-* ``timing``: attention fwd+bwd TFLOP/s at 8k and 32k tokens for Skiparse k = 1, 4, 8 (the backend's
-  kernel and torch SDPA with a boolean mask), and one SUV training step at a mid-size config with MFU.
+* ``timing``: attention fwd+bwd TFLOP/s at 8k and 32k tokens for Skiparse k = 1, 4, 8 (cuda: flash-attn
+  varlen and torch SDPA with a boolean mask, the two ``MM_CUDA_ATTENTION`` choices, and the fastest per row;
+  npu: the backend's kernel and SDPA), and one SUV training step at a mid-size config with MFU.
 """
 
 from __future__ import annotations
@@ -239,10 +240,21 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - t0) / repeats
 
 
-def _attention_table(dev, heads=24, head_dim=128, repeats=5) -> list[dict]:
-    """fwd+bwd of one joint attention call: k sub-sequences of S/k tokens (Skiparse), ~5% padded keys."""
+def _attention_impls(backend) -> dict:
+    """What the table times: on cuda every ``MM_CUDA_ATTENTION`` implementation installed (flash, sdpa), so
+    the row's ``fastest`` is the measurement behind that setting; elsewhere the backend's kernel and SDPA."""
     from mm import ops
+    from mm.ops.registry import backend_module
 
+    module = backend_module(backend.name)
+    if hasattr(module, "attention_impls"):
+        return module.attention_impls()
+    return {"backend": ops.attention, "sdpa": reference.attention}
+
+
+def _attention_table(backend, dev, heads=24, head_dim=128, repeats=5) -> list[dict]:
+    """fwd+bwd of one joint attention call: k sub-sequences of S/k tokens (Skiparse), ~5% padded keys."""
+    impls = _attention_impls(backend)
     rows = []
     if DRY_RUN:
         heads, head_dim, repeats = 2, 16, 1
@@ -257,7 +269,7 @@ def _attention_table(dev, heads=24, head_dim=128, repeats=5) -> list[dict]:
             # model FLOPs: QK^T and PV = 4*k*H*S_k^2*D forward; backward = 2.5x forward (flash-attn convention)
             flops = 3.5 * 4 * k * heads * s * s * head_dim
             row = {"tokens": total, "k": k}
-            for label, fn in (("backend", ops.attention), ("sdpa", reference.attention)):
+            for label, fn in impls.items():
                 def step(fn=fn):
                     out = fn(q, kk, v, mask, None)
                     torch.autograd.grad(out, (q, kk, v), go)
@@ -265,6 +277,7 @@ def _attention_table(dev, heads=24, head_dim=128, repeats=5) -> list[dict]:
                 sec = _timed(step, repeats)
                 row[f"{label}_ms"] = round(sec * 1e3, 3)
                 row[f"{label}_tflops"] = round(flops / sec / 1e12, 1)
+            row["fastest"] = min(impls, key=lambda label: row[f"{label}_ms"])
             rows.append(row)
             del q, kk, v, go
     return rows
@@ -328,7 +341,14 @@ def check_timing() -> dict:
     backend, dev = _backend()
     t0 = time.time()
     result = {"device": backend.device_name() + (" (cpu dry run: toy sizes)" if DRY_RUN else ""),
-              "kernels": backend.kernel_table(), "attention_fwd_bwd": _attention_table(dev)}
+              "kernels": backend.kernel_table(), "attention_fwd_bwd": _attention_table(backend, dev)}
+    from mm.ops.registry import backend_module
+
+    choice = getattr(backend_module(backend.name), "ATTENTION", None)
+    if choice is not None:  # cuda: the setting in force, and what the table says (MM_CUDA_ATTENTION)
+        rows = result["attention_fwd_bwd"]
+        result["attention_setting"] = {"MM_CUDA_ATTENTION": choice, "fastest_per_row": sorted(
+            {r["fastest"] for r in rows}), "fastest_at_32k": sorted({r["fastest"] for r in rows if r["tokens"] >= 32768})}
     result["suv_train_step"] = _suv_step(backend, dev)
     result["seconds"] = round(time.time() - t0, 1)
     return result
