@@ -8,10 +8,15 @@ tests, with a fake ``torch_npu``). Same layouts and numerics as ``mm.ops.referen
   the opposite of ours (True = *masked*); the packed path needs no mask. ``scale`` defaults to 1.0 in
   the kernel, so it is always passed. Outputs: a tuple whose first element is the attention output.
 * rms_norm: ``torch_npu.npu_rms_norm(x, gamma, epsilon)`` -> ``(y, rstd)``; without a weight: reference.
-* apply_rope: ``torch_npu.npu_rotary_mul(x, cos, sin)`` rotates halves of the *whole* last dim; our
-  rotate-half works within each t/h/w chunk, so the last dim is permuted (all first halves, then all
+* apply_rope: MindSpeed's ``mindspeed.ops.npu_rotary_position_embedding.npu_rotary_position_embedding(x,
+  cos, sin, mode=0)`` (rotate_half; 4-D x, cos/sin in x's dtype, ``S11D`` for the model's ``SBND``) when
+  MindSpeed is installed and importable (the ops only, never its megatron adaptor), else
+  ``torch_npu.npu_rotary_mul(x, cos, sin)`` (logged once). Both rotate halves of the *whole* last dim;
+  our rotate-half works within each t/h/w chunk, so the last dim is permuted (all first halves, then all
   second halves), rotated in fp32 and permuted back.
 * layer_norm: the reference (torch's layer_norm is a native fused NPU op).
+* attention / rms_norm stay on torch_npu's operators: MindSpeed's wrappers of them
+  (``mindspeed.ops.fusion_attention_v2``, its rms_norm) call the same CANN kernels.
 * AdamW: torch's AdamW (foreach). ``NpuFusedAdamW`` fuses by packing all params into combined buffers,
   which megatron's distributed optimizer (per-shard fp32 state) cannot use.
 """
@@ -19,6 +24,8 @@ tests, with a fake ``torch_npu``). Same layouts and numerics as ``mm.ops.referen
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import logging
 
 import torch
@@ -35,6 +42,21 @@ def _once(reason: str) -> None:
     if reason not in _said:
         _said.add(reason)
         logger.info("npu kernels: %s", reason)
+
+
+def _mindspeed_rope():
+    """MindSpeed's fused RoPE if MindSpeed is installed and the op module imports, else None (reason logged)."""
+    if importlib.util.find_spec("mindspeed") is None:
+        _once("apply_rope: MindSpeed is not installed; torch_npu.npu_rotary_mul")
+        return None
+    try:
+        return importlib.import_module("mindspeed.ops.npu_rotary_position_embedding").npu_rotary_position_embedding
+    except ImportError as e:
+        _once(f"apply_rope: mindspeed.ops.npu_rotary_position_embedding does not import ({e}); torch_npu.npu_rotary_mul")
+        return None
+
+
+_ms_rope = _mindspeed_rope()
 
 
 def attention(q, k, v, key_mask=None, scale=None):
@@ -77,7 +99,13 @@ def apply_rope(x, cos, sin, chunks):
     xf = x.float().index_select(-1, perm)
     cos_p = cos.float().expand(*cos.shape[:-1], x.shape[-1]).index_select(-1, perm)
     sin_p = sin.float().expand(*sin.shape[:-1], x.shape[-1]).index_select(-1, perm)
-    return torch_npu.npu_rotary_mul(xf, cos_p, sin_p).index_select(-1, inv).to(x.dtype)
+    if _ms_rope is not None and xf.dim() == 4 and cos_p.dim() == 4:
+        out = _ms_rope(xf, cos_p, sin_p, 0)  # mode 0: rotate_half
+    else:
+        if _ms_rope is not None:
+            _once(f"apply_rope: MindSpeed's RoPE needs 4-D x and tables, got {xf.dim()}-D; torch_npu.npu_rotary_mul")
+        out = torch_npu.npu_rotary_mul(xf, cos_p, sin_p)
+    return out.index_select(-1, inv).to(x.dtype)
 
 
 def device_name(device: torch.device) -> str:

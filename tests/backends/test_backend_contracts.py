@@ -290,8 +290,12 @@ def test_npu_rms_norm_matches_reference(fake_libs, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_npu_chunked_rope_matches_reference(fake_libs, dtype):
+@pytest.mark.parametrize("kernel", ["mindspeed", "torch_npu"])
+def test_npu_chunked_rope_matches_reference(fake_libs, monkeypatch, dtype, kernel):
     _, npu, _, torch_npu = fake_libs
+    ms = sys.modules["mindspeed.ops.npu_rotary_position_embedding"]
+    if kernel == "torch_npu":
+        monkeypatch.setattr(npu, "_ms_rope", None)  # MindSpeed absent
     chunks = (4, 6, 6)  # t/h/w: rotate-half within each chunk, unlike npu_rotary_mul's whole-dim rotation
     g = torch.Generator().manual_seed(4)
     x = torch.randn(2, 5, 3, 16, generator=g).to(dtype)
@@ -299,9 +303,11 @@ def test_npu_chunked_rope_matches_reference(fake_libs, dtype):
     halves = torch.split(angles, [c // 2 for c in chunks], dim=-1)
     cos = torch.cat([torch.cat([a.cos(), a.cos()], -1) for a in halves], -1)
     sin = torch.cat([torch.cat([a.sin(), a.sin()], -1) for a in halves], -1)
-    n = torch_npu.calls["npu_rotary_mul"]
+    n, n_ms = torch_npu.calls["npu_rotary_mul"], len(ms.calls["npu_rotary_position_embedding"])
     got = npu.apply_rope(x, cos, sin, chunks)
-    assert torch_npu.calls["npu_rotary_mul"] == n + 1 and got.dtype == dtype
+    used_ms = len(ms.calls["npu_rotary_position_embedding"]) - n_ms
+    assert (used_ms, torch_npu.calls["npu_rotary_mul"] - n) == ((1, 0) if kernel == "mindspeed" else (0, 1))
+    assert got.dtype == dtype
     torch.testing.assert_close(got, reference.apply_rope(x, cos, sin, chunks), atol=1e-6, rtol=1e-6)
     with pytest.raises(ValueError, match="rope chunks"):
         npu.apply_rope(x, cos, sin, (4, 6, 4))
