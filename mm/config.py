@@ -95,6 +95,10 @@ class BackendConfig:
         check_choice("backend", self.name, ("auto", "cpu", "cuda", "npu"))
 
 
+# context-parallel algorithms (MindSpeed's --context-parallel-algo names): Ulysses, ring, Ulysses x ring
+CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+
+
 @dataclass
 class ParallelConfig:
     """Model-parallel layout. ``data_parallel_size`` is derived from the world size at init."""
@@ -108,6 +112,8 @@ class ParallelConfig:
     distributed_timeout_minutes: float = 30.0  # world-group timeout (megatron default)
     # blocks per pipeline chunk in virtual-stage order (PP x VPP entries); None: the skiparse cost model's cut
     pipeline_stage_blocks: list[int] | None = None
+    context_parallel_algo: str = "ulysses_cp_algo"  # CP_ALGOS (MindSpeed's names)
+    ulysses_degree_in_cp: int | None = None  # hybrid_cp_algo: the Ulysses part of CP (the ring is CP / it)
 
     def __post_init__(self):
         for f in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
@@ -122,11 +128,25 @@ class ParallelConfig:
         check(not self.encoder_data_parallel or self.pipeline_model_parallel_size == 1, "encoder_data_parallel",
               self.encoder_data_parallel, "False when pipeline_model_parallel_size > 1 (spec §7.3)")
         check_positive("distributed_timeout_minutes", self.distributed_timeout_minutes)
+        check_choice("context_parallel_algo", self.context_parallel_algo, CP_ALGOS)
+        cp, u = self.context_parallel_size, self.ulysses_degree_in_cp
+        divisors = [d for d in range(1, cp + 1) if cp % d == 0]
+        if self.context_parallel_algo == "hybrid_cp_algo":
+            check(isinstance(u, int) and u in divisors, "ulysses_degree_in_cp", u,
+                  f"a divisor of context_parallel_size {cp} for hybrid_cp_algo: one of {divisors}")
+        else:
+            check(u is None, "ulysses_degree_in_cp", u, "unset unless context_parallel_algo is hybrid_cp_algo")
         b = self.pipeline_stage_blocks
         chunks = self.pipeline_model_parallel_size * (v or 1)
         check(b is None or (isinstance(b, (list, tuple)) and len(b) == chunks
                             and all(isinstance(n, int) and n >= 1 for n in b)), "pipeline_stage_blocks", b,
               f"None or {chunks} block counts >= 1 (one per pipeline chunk: PP x VPP)")
+
+    @property
+    def ulysses_size(self) -> int:
+        """The Ulysses part of CP (heads split by all-to-all); the ring part is CP / this."""
+        algo, cp = self.context_parallel_algo, self.context_parallel_size
+        return {"ulysses_cp_algo": cp, "megatron_cp_algo": 1}.get(algo, self.ulysses_degree_in_cp or 1)
 
     @property
     def model_parallel_size(self) -> int:

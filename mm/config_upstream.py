@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mm.config import (
+    CP_ALGOS,
     BackendConfig,
     CheckpointConfig,
     OptimizerConfig,
@@ -320,7 +321,13 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-stage-blocks", default=None, metavar="N,N,...",
                    help="SUV blocks per pipeline chunk in stage order (PP x VPP counts summing to the blocks); "
                         "default: balanced by a skiparse-aware cost model at the data's sequence length")
-    g.add_argument("--context-parallel-size", type=int, default=1, help="Ulysses CP size")
+    g.add_argument("--context-parallel-size", type=int, default=1, help="context-parallel (CP) size")
+    g.add_argument("--context-parallel-algo", default="ulysses_cp_algo", choices=list(CP_ALGOS),
+                   help="ulysses_cp_algo: heads split by all-to-all (TP x CP divides the heads); megatron_cp_algo: "
+                        "ring attention (any head count); hybrid_cp_algo: Ulysses inside x ring across")
+    g.add_argument("--ulysses-degree-in-cp", type=int, default=None, metavar="N",
+                   help="hybrid_cp_algo: the Ulysses degree (consecutive ranks, e.g. within a node); the ring "
+                        "runs over CP / N")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel over the TP group")
     g.add_argument("--encoder-dp", action="store_true",
                    help="encoder data parallelism: each TP x CP rank encodes a different sample and the group "
@@ -432,6 +439,8 @@ def run_config_from_args(args: argparse.Namespace, world_size: int) -> RunConfig
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
             pipeline_stage_blocks=_stage_blocks_flag(args.pipeline_stage_blocks),
             context_parallel_size=args.context_parallel_size,
+            context_parallel_algo=getattr(args, "context_parallel_algo", "ulysses_cp_algo"),
+            ulysses_degree_in_cp=getattr(args, "ulysses_degree_in_cp", None),
             sequence_parallel=args.sequence_parallel,
             encoder_data_parallel=bool(getattr(args, "encoder_dp", False)),
             distributed_timeout_minutes=args.distributed_timeout_minutes,

@@ -1,10 +1,19 @@
-"""Ulysses context parallelism for the SUV denoiser (spec §3.3).
+"""Context parallelism for the SUV denoiser (spec §3.3): Ulysses, ring and their hybrid.
+
+Algorithms (``--context-parallel-algo``, MindSpeed's names): ``ulysses_cp_algo`` (heads scattered by
+all-to-all), ``megatron_cp_algo`` (ring attention, ``mm.distributed.ring_attention``) and
+``hybrid_cp_algo`` (CP = Ulysses degree x ring degree, ``--ulysses-degree-in-cp``): Ulysses over an inner
+group of consecutive CP ranks, ring over the outer group of the ranks ``U`` apart. One code path runs all
+three: Ulysses over ``cp.ulysses`` (size CP, 1 or U) then the ring over ``cp.ring`` (size 1, CP or CP/U).
 
 * :class:`CPContext` carries the CP group/size/rank into the model (no ``parallel_state`` look-ups inside
   the math); ``CPContext.single()`` (size 1) makes every function here an identity.
-* :func:`split_input` keeps this rank's contiguous chunk along one dim (latent frames, caption tokens);
+* Sequence split for any shape: the model splits the *flattened* token sequences, padded by
+  :func:`padded_lengths` with masked tokens to a multiple of CP x (every skiparse k squared) (x TP under
+  SP), so every frame count works and every ring block regroups into whole skiparse sub-sequence pieces.
+* :func:`split_input` keeps this rank's contiguous chunk along one dim (video tokens, caption tokens);
   backward all-gathers the gradient and divides it by CP.
-* :func:`gather_output` all-gathers along one dim (the output's frames); backward keeps this rank's chunk
+* :func:`gather_output` all-gathers along one dim (the output tokens); backward keeps this rank's chunk
   of the gradient multiplied by CP. Every CP rank computes the same loss on the full output; the x CP
   compensates the average of the gradients over the DP x CP group (each rank's parameters then hold CP x
   the contribution of its own tokens, whose average over CP is the full gradient).
@@ -15,6 +24,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +36,9 @@ class CPContext:
     group: object
     size: int
     rank: int
+    ulysses_size: int | None = None  # None: all of CP (pure Ulysses)
+    inner_group: object = None  # hybrid: the Ulysses group (consecutive CP ranks)
+    outer_group: object = None  # hybrid: the ring group (CP ranks ulysses_size apart)
 
     @classmethod
     def single(cls) -> "CPContext":
@@ -36,7 +49,50 @@ class CPContext:
         """From ``mm.distributed.init.ParallelState`` (or ``None`` = one process)."""
         if parallel is None or getattr(parallel, "cp_size", 1) == 1:
             return cls.single()
-        return cls(parallel.cp_group, parallel.cp_size, parallel.cp_rank)
+        return cls(parallel.cp_group, parallel.cp_size, parallel.cp_rank,
+                   getattr(parallel, "cp_ulysses_size", None), getattr(parallel, "cp_inner_group", None),
+                   getattr(parallel, "cp_outer_group", None))
+
+    @property
+    def ulysses(self) -> "CPContext":
+        """The group the head all-to-alls run over (size 1: none)."""
+        u = self.size if self.ulysses_size is None else self.ulysses_size
+        if u == 1:
+            return CPContext.single()
+        if u == self.size:
+            return CPContext(self.group, self.size, self.rank)
+        return CPContext(self.inner_group, u, self.rank % u)
+
+    @property
+    def ring(self) -> "CPContext":
+        """The group K/V blocks circulate over (size 1: none); its rank r holds the sequence chunk r."""
+        u = self.size if self.ulysses_size is None else self.ulysses_size
+        if u == self.size:
+            return CPContext.single()
+        if u == 1:
+            return CPContext(self.group, self.size, self.rank)
+        return CPContext(self.outer_group, self.size // u, self.rank // u)
+
+
+def padded_lengths(video_len: int, text_len: int, cp: CPContext, sparse_n, sp_size: int = 1) -> tuple[int, int]:
+    """Full video / text lengths after the CP padding (unchanged at CP = 1): video to a multiple of
+    CP x lcm(k^2 of every stage) x SP, text to a multiple of CP x SP, so every rank's chunk is whole for SP and
+    every ring rank's chunk (a multiple of k^2) regroups locally into pieces of the skiparse sub-sequences."""
+    if cp.size == 1:
+        return video_len, text_len
+    kk = math.lcm(*(k * k for k in sparse_n))
+    mv, mt = cp.size * kk * sp_size, cp.size * sp_size
+    return video_len + (-video_len) % mv, text_len + (-text_len) % mt
+
+
+def pad_seq(x: torch.Tensor, length: int, dim: int, value=0) -> torch.Tensor:
+    """Pad ``x`` along ``dim`` to ``length`` with ``value`` (autograd-transparent)."""
+    extra = length - x.shape[dim]
+    if extra == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = extra
+    return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
 def _all_gather(x: torch.Tensor, dim: int, cp: CPContext) -> torch.Tensor:

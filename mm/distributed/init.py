@@ -47,6 +47,11 @@ class ParallelState:
     dp_cp_group: object
     sequence_parallel: bool
     device: torch.device  # this rank's device: every model, batch and collective tensor lives here
+    # context-parallel algorithm: the Ulysses part of CP (cp_size: Ulysses, 1: ring) and, for the hybrid,
+    # megatron's hierarchical CP groups (inner = Ulysses over consecutive CP ranks, outer = ring)
+    cp_ulysses_size: int | None = None
+    cp_inner_group: object = None
+    cp_outer_group: object = None
 
 
 def free_port() -> int:
@@ -98,13 +103,19 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: fl
     dp = cfg.data_parallel_size(world)
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
+    u = cfg.ulysses_size
+    hybrid = [u, cfg.context_parallel_size // u] if 1 < u < cfg.context_parallel_size else None
     ps.initialize_model_parallel(
         tensor_model_parallel_size=cfg.tensor_model_parallel_size,
         pipeline_model_parallel_size=cfg.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=cfg.virtual_pipeline_model_parallel_size,
         context_parallel_size=cfg.context_parallel_size,
+        hierarchical_context_parallel_sizes=hybrid,
         distributed_timeout_minutes=max(1, int(round(cfg.distributed_timeout_minutes))),
     )
+    inner = outer = None
+    if hybrid:
+        inner, outer = ps.get_hierarchical_context_parallel_groups()
     state = ParallelState(
         world_size=world,
         rank=dist.get_rank(),
@@ -122,10 +133,14 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: fl
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         sequence_parallel=cfg.sequence_parallel,
         device=device,
+        cp_ulysses_size=u,
+        cp_inner_group=inner,
+        cp_outer_group=outer,
     )
     logger.info(
-        "parallel layout: world %d = TP %d x PP %d x CP %d x DP %d (SP %s) on %s",
-        world, state.tp_size, state.pp_size, state.cp_size, dp, cfg.sequence_parallel, device,
+        "parallel layout: world %d = TP %d x PP %d x CP %d (%s, Ulysses %d x ring %d) x DP %d (SP %s) on %s",
+        world, state.tp_size, state.pp_size, state.cp_size, cfg.context_parallel_algo, u,
+        cfg.context_parallel_size // u, dp, cfg.sequence_parallel, device,
     )
     return state
 

@@ -159,7 +159,7 @@ def stream_lengths(chunk: SparseUMMDiT, latents: torch.Tensor, text_len: int) ->
     """This rank's video / text token counts at a boundary (the model's SP and CP chunks)."""
     cfg = chunk.suv_config
     _, _, T, H, W = latents.shape
-    lv, lt = T * (H // cfg.patch_size) * (W // cfg.patch_size), text_len
+    lv, lt = chunk.padded_lengths(T * (H // cfg.patch_size) * (W // cfg.patch_size), text_len)  # CP padding
     div = chunk.cp.size * (chunk.tp.size if chunk.tp.sequence_parallel else 1)
     return lv // div, lt // div
 

@@ -9,10 +9,14 @@ Layouts: the block runs sequence-first ``[S, B, E]``; under sequence parallelism
 sequence shards and the column-parallel projections all-gather the sequence, so attention always sees the
 full sequences with this rank's heads.
 
-Ulysses context parallelism (spec §3.3): when ``ctx.cp`` has size > 1 the block's inputs are this CP
-rank's sequence chunks; an all-to-all over the CP group turns each projection ``[S/CP, B, nh/TP, hd]`` into
-``[S, B, nh/(TP*CP), hd]`` before QK-norm, RoPE (full-sequence tables), skiparse and the kernel, and the
-inverse all-to-all runs on both outputs before the out-projections. Masks are built for the full sequence.
+Context parallelism (spec §3.3, ``mm.distributed.context_parallel``): when ``ctx.cp`` has size > 1 the
+block's inputs are this CP rank's chunks of the (padded) sequences. Ulysses (over ``cp.ulysses``): an
+all-to-all turns each projection ``[S/CP, B, nh/TP, hd]`` into ``[S/R, B, nh/(TP*U), hd]`` (R = ring size,
+U = Ulysses size), and the inverse all-to-all runs on both outputs before the out-projections. Ring (over
+``cp.ring``, R > 1): the rank's contiguous chunk regroups into pieces of the skiparse sub-sequences (the
+padding keeps every chunk a multiple of k^2), and ``ring_attention`` circulates the joint
+``[video piece ; text chunk]`` K/V blocks with one key bias per source rank. ``ctx.cos`` / ``ctx.sin`` are
+the RoPE tables of the chunk this rank attends with; masks are sliced from the full-sequence ones.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch.nn as nn
 
 import mm.ops
 from mm.distributed.context_parallel import CPContext, heads_to_seq, seq_to_heads
+from mm.distributed.ring_attention import ring_attention
 from mm.distributed.tp_layers import TPContext, column_parallel, row_parallel
 from mm.models import skiparse
 from mm.models.layers import QKNorm
@@ -35,8 +40,9 @@ class AttentionContext:
 
     ``video_keep`` ``[B, Lv]`` / ``text_keep`` ``[B, Lt]`` bool (True = valid) or None (all valid). Key masks
     are built once per (k, pattern) and cached for the rest of the forward. ``video_len`` / ``text_len`` and
-    the RoPE tables are for the full sequences, also under context parallelism (``cp``: the CP group, or
-    None / size 1 for none).
+    the masks are for the full (CP-padded) sequences, also under context parallelism (``cp``: the CP group,
+    or None / size 1 for none); the RoPE tables are those of the chunk this rank attends with (the full
+    sequence unless a ring runs).
     """
 
     cos: torch.Tensor  # [Lv, 1, 1, hd] fp32
@@ -64,6 +70,24 @@ class AttentionContext:
             self._masks[key] = skiparse.key_padding_mask(v, t, k, group)
         return self._masks[key]
 
+    def ring_key_biases(self, k: int, group: bool, batch: int, ring: int, device) -> list:
+        """One additive key bias ``[k*B, L'/(k*R) + Lt/R]`` per ring rank (0 = attend, ``MASKED_BIAS``): the
+        keys of that rank's joint block ``[video sub-sequence piece ; text chunk]``, sliced from the full
+        mask (so the "no valid key at all" rule of ``key_padding_mask`` holds over the whole ring)."""
+        from mm.ops.reference import MASKED_BIAS
+
+        mask = self.key_mask(k, group, batch, device)
+        if mask is None:
+            return [None] * ring
+        key = ("ring", k, group if k > 1 else False, ring)
+        if key not in self._masks:
+            lv, lt = skiparse.padded_length(self.video_len, k) // k // ring, self.text_len // ring
+            bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, MASKED_BIAS)
+            bias_v, bias_t = bias[:, :lv * ring], bias[:, lv * ring:]  # [kB, L'/k], [kB, Lt]
+            self._masks[key] = [torch.cat([bias_v[:, j * lv:(j + 1) * lv], bias_t[:, j * lt:(j + 1) * lt]], dim=1)
+                                for j in range(ring)]
+        return self._masks[key]
+
 
 def joint_attention(
     q: torch.Tensor,
@@ -77,12 +101,14 @@ def joint_attention(
     group: bool,
     key_mask: torch.Tensor | None,
     scale: float,
+    attend=None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Skiparse joint attention.
 
     video ``q, k, v`` ``[Lv, B, H, hd]``, text ``qt, kt, vt`` ``[Lt, B, H, hd]`` (``qt=None``: no text
     queries, the text output is not needed) -> video out ``[Lv, B, H, hd]``, text out ``[Lt, B, H, hd]`` or None.
-    Per sub-batch the sequence is ``[video sub-sequence (L'/k) ; text (Lt)]``.
+    Per sub-batch the sequence is ``[video sub-sequence (L'/k) ; text (Lt)]``. ``attend(q, k, v)`` replaces
+    the ``mm.ops.attention`` call (ring attention passes its own; ``key_mask`` is then unused).
     """
     Lv, B = q.shape[:2]
     Lt = kt.shape[0]
@@ -97,7 +123,10 @@ def joint_attention(
     Lsub = skiparse.padded_length(Lv, sparse_k) // sparse_k
     k_all, v_all = joint(k, kt), joint(v, vt)
     q_all = joint(q, qt) if qt is not None else skiparse.to_batch(q, sparse_k, group)
-    out = mm.ops.attention(q_all, k_all, v_all, key_mask=key_mask, scale=scale)  # [k*B, Sq, H, hd]
+    if attend is None:
+        out = mm.ops.attention(q_all, k_all, v_all, key_mask=key_mask, scale=scale)  # [k*B, Sq, H, hd]
+    else:
+        out = attend(q_all, k_all, v_all)
 
     out_v = skiparse.from_batch(out[:, :Lsub], sparse_k, group, Lv)  # [Lv, B, H, hd]
     if qt is None:
@@ -146,13 +175,13 @@ class JointAttention(nn.Module):
     def forward(self, x_SBE: torch.Tensor, y_SBE: torch.Tensor, ctx: AttentionContext, sparse_k: int,
                 group: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """video ``[Sv, B, D]``, text ``[St, B, D]`` (sequence shards under SP / CP) -> (video, text or None)."""
-        cp = ctx.cp if ctx.cp is not None and ctx.cp.size > 1 else None
-        if cp is not None and self.local_heads % cp.size:
-            raise ValueError(f"num_heads/TP = {self.local_heads} is not divisible by the CP size {cp.size}")
+        cp = ctx.cp if ctx.cp is not None else CPContext.single()
+        uly, ring = cp.ulysses, cp.ring
+        if self.local_heads % uly.size:
+            raise ValueError(f"num_heads/TP = {self.local_heads} is not divisible by the Ulysses degree {uly.size}")
 
-        def heads(linear, x):  # CP: scatter heads, gather the sequence
-            h = self._heads(linear, x)
-            return seq_to_heads(h, cp) if cp is not None else h
+        def heads(linear, x):  # Ulysses: scatter heads, gather the sequence of this ring rank
+            return seq_to_heads(self._heads(linear, x), uly)
 
         q = self.norm_q(heads(self.to_q, x_SBE))
         k = self.norm_k(heads(self.to_k, x_SBE))
@@ -163,13 +192,18 @@ class JointAttention(nn.Module):
         vt = heads(self.add_v_proj, y_SBE)
         qt = None if self.context_pre_only else self.norm_added_q(heads(self.add_q_proj, y_SBE))
 
-        B = q.shape[1]
-        mask = ctx.key_mask(sparse_k, group, B, q.device)
+        B, scale = q.shape[1], self.head_dim ** -0.5
+        attend = mask = None
+        if ring.size > 1:  # K/V blocks of the ring ranks' chunks circulate; one key bias per source rank
+            biases = ctx.ring_key_biases(sparse_k, group, B, ring.size, q.device)
+            attend = lambda q_, k_, v_: ring_attention(q_, k_, v_, biases, scale, ring.group)  # noqa: E731
+        else:
+            mask = ctx.key_mask(sparse_k, group, B, q.device)
         out_v, out_t = joint_attention(q, k, v, qt, kt, vt, sparse_k=sparse_k, group=group, key_mask=mask,
-                                       scale=self.head_dim ** -0.5)
-        if cp is not None:  # CP: scatter the sequence, gather the heads back
-            out_v = heads_to_seq(out_v, cp)
-            out_t = heads_to_seq(out_t, cp) if out_t is not None else None
+                                       scale=scale, attend=attend)
+        # Ulysses: scatter the sequence, gather the heads back
+        out_v = heads_to_seq(out_v, uly)
+        out_t = heads_to_seq(out_t, uly) if out_t is not None else None
         # [L, B, H, hd] -> [L, B, H*hd]; row-parallel out-projections (reduce-scatter the sequence under SP)
         a, _ = self.to_out[0](out_v.reshape(*out_v.shape[:2], -1))
         a = self.to_out[1](a)

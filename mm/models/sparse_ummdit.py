@@ -3,9 +3,10 @@
 Patchify -> conditioning (timestep + pooled CLIP) and caption projection -> (SP scatter) -> encoder stages
 push long skips -> middle stage -> decoder stages pop and fuse them -> two-LayerNorm output head ->
 (SP gather) -> ``proj_out`` -> unpatchify. Everything between the scatter and the gather runs
-sequence-first ``[S, B, E]``. Under Ulysses context parallelism (spec §3.3) the latent frames and the
-caption tokens are split over the CP group first, the attention all-to-alls gather the full sequences
-(``mm.distributed.context_parallel``), and the output is all-gathered along frames at the end.
+sequence-first ``[S, B, E]``. Under context parallelism (spec §3.3, Ulysses / ring / hybrid) the flattened
+video and caption token sequences are padded with masked tokens and split over the CP group after the
+embeddings, attention gathers what it needs (``mm.distributed.context_parallel``), and the output tokens are
+all-gathered at the end.
 
 Parameter names are the released key space (§2.11): one key set for every TP size (the last block's dead
 text modules are omitted; they and megatron's ``_extra_state`` entries are dropped on load, every other
@@ -45,7 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mm.distributed.context_parallel import CPContext, gather_output, split_input
+from mm.distributed.context_parallel import CPContext, gather_output, pad_seq, padded_lengths, split_input
 from mm.distributed.tp_layers import (
     TPContext,
     allreduce_sequence_parallel_grads,
@@ -172,9 +173,10 @@ class SparseUMMDiT(nn.Module):
         self.tp = tp = TPContext.from_parallel_state(parallel)
         self.cp = cp = CPContext.from_parallel_state(parallel)
         cfg.validate_tp(tp.size)
-        if cfg.num_heads % (tp.size * cp.size):
-            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by TP x CP = {tp.size} x {cp.size} "
-                             "(Ulysses context parallelism splits the heads of each TP rank over CP)")
+        if cfg.num_heads % (tp.size * cp.ulysses.size):
+            raise ValueError(f"num_heads={cfg.num_heads} is not divisible by TP x Ulysses-CP = {tp.size} x "
+                             f"{cp.ulysses.size} (Ulysses context parallelism splits the heads of each TP rank; "
+                             "ring attention, --context-parallel-algo megatron_cp_algo, does not)")
         device = torch.device(device) if device is not None else None
         on_meta = device is not None and device.type == "meta"
         self.config = build_megatron_config(hidden_size=cfg.hidden_size, num_heads=cfg.num_heads,
@@ -324,12 +326,11 @@ class SparseUMMDiT(nn.Module):
             raise ValueError(f"latent height/width {H}x{W} must be divisible by patch_size={p}")
         grid = (T, H // p, W // p)
         Lv, Lt = T * grid[1] * grid[2], text_hidden.shape[1]
-        if cp.size > 1 and (T % cp.size or Lt % cp.size):
-            raise ValueError(f"context parallel needs latent frames ({T}) and text tokens ({Lt}) divisible by the "
-                             f"CP size {cp.size}")
-        if tp.sequence_parallel and ((Lv // cp.size) % tp.size or (Lt // cp.size) % tp.size):
+        # CP: the flattened sequences are padded with masked tokens so that any shape splits (context_parallel)
+        Lvp, Ltp = self.padded_lengths(Lv, Lt)
+        if tp.sequence_parallel and (Lvp % tp.size or Ltp % tp.size):
             raise ValueError(f"sequence parallel needs video tokens ({Lv}) and text tokens ({Lt}) divisible by "
-                             f"TP x CP = {tp.size} x {cp.size}")
+                             f"TP = {tp.size}")
 
         # key validity masks (None = all valid)
         video_keep = None
@@ -339,6 +340,10 @@ class SparseUMMDiT(nn.Module):
             video_keep = None if bool(video_keep.all()) else video_keep
         text_keep = text_mask.reshape(B, Lt).bool()
         text_keep = None if bool(text_keep.all()) else text_keep
+        if (Lvp, Ltp) != (Lv, Lt):  # CP padding: never attended
+            ones = torch.ones(B, 1, dtype=torch.bool, device=text_mask.device)
+            video_keep = pad_seq(ones.expand(B, Lv) if video_keep is None else video_keep, Lvp, 1, False)
+            text_keep = pad_seq(ones.expand(B, Lt) if text_keep is None else text_keep, Ltp, 1, False)
 
         dtype = self.params_dtype
         c = self.time_text_embed(timestep, pooled)  # [B, Dt] fp32
@@ -347,10 +352,10 @@ class SparseUMMDiT(nn.Module):
         if self.pre_process:
             # CP: this rank's frames / caption tokens (masks, RoPE and lengths above stay full-sequence). Split in
             # eval too (upstream splits only when training; its eval at CP > 1 would mis-gather in attention).
-            latents_in = split_input(latents, 2, cp, "latent frames")
-            text_hidden = split_input(text_hidden, 1, cp, "caption tokens")
-            x = self.patch_embed(latents_in)  # [Lv/CP, B, D]
-            y = self.caption_projection(text_hidden.to(dtype)).transpose(0, 1).contiguous()  # [Lt/CP, B, D]
+            x = pad_seq(self.patch_embed(latents), Lvp, 0)  # [Lv', B, D]
+            y = pad_seq(self.caption_projection(text_hidden.to(dtype)).transpose(0, 1), Ltp, 0)  # [Lt', B, D]
+            x = split_input(x, 0, cp, "video tokens")  # [Lv'/CP, B, D]
+            y = split_input(y.contiguous(), 0, cp, "caption tokens")  # [Lt'/CP, B, D]
             x, y = scatter_sequence(x, tp), scatter_sequence(y, tp)  # SP: this rank's sequence chunk
             skips = []
         else:
@@ -358,8 +363,11 @@ class SparseUMMDiT(nn.Module):
                 raise ValueError(f"pipeline chunk of blocks {self.block_range} needs stage_input (it is not first)")
             x, y, skips = stage_input.x, stage_input.y, list(stage_input.skips)
 
-        cos, sin = self._rope(grid, x.device)
-        ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lv, text_len=Lt,
+        # RoPE of the (padded) sequence this rank attends with: all of it, or its ring rank's chunk (the padded
+        # positions get zeros: they are never attended and their outputs are dropped)
+        r, n = cp.ring.rank, Lvp // cp.ring.size
+        cos, sin = (pad_seq(t, Lvp, 0)[r * n:(r + 1) * n] for t in self._rope(grid, x.device))
+        ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lvp, text_len=Ltp,
                                video_keep=video_keep, text_keep=text_keep, cp=cp)
         mid = cfg.num_stages // 2
         for s, i in block_positions(cfg)[slice(*self.block_range)]:
@@ -375,10 +383,15 @@ class SparseUMMDiT(nn.Module):
             return StageState(x, y, skips)
 
         x = self.norm_out(self.norm_final(x), cond)  # two LayerNorms in a row, as released
-        x = gather_sequence(x, tp)  # [Lv/CP, B, D]
-        x = self.proj_out(x)  # [Lv/CP, B, pt*p*p*C]
-        out = self._unpatchify(x, B, (T // cp.size, *grid[1:]))
-        return gather_output(out, 2, cp).to(latents.dtype)  # CP: all frames (backward: own frames x CP)
+        x = gather_sequence(x, tp)  # [Lv'/CP, B, D]
+        x = self.proj_out(x)  # [Lv'/CP, B, pt*p*p*C]
+        x = gather_output(x, 0, cp)[:Lv]  # CP: all tokens, padding dropped (backward: own tokens x CP)
+        return self._unpatchify(x, B, grid).to(latents.dtype)
+
+    def padded_lengths(self, video_len: int, text_len: int) -> tuple[int, int]:
+        """Full video / text token counts after the context-parallel padding (unchanged at CP = 1)."""
+        sp = self.tp.size if self.tp.sequence_parallel else 1
+        return padded_lengths(video_len, text_len, self.cp, self.sparse_n, sp)
 
     def _unpatchify(self, x: torch.Tensor, B: int, grid: tuple[int, int, int]) -> torch.Tensor:
         """``[t*hp*wp, B, (o a b c)] -> (B, C, t*pt, hp*p, wp*p)`` with channel fastest in the features."""

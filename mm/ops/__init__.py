@@ -23,6 +23,17 @@ def attention(q, k, v, key_mask=None, scale=None):
     return kernel("attention")(q, k, v, key_mask, scale)
 
 
+def attention_block(q, k, v, key_bias=None, scale=None):
+    """One ring-attention block: q [B,Sq,H,D], k/v [B,Sk,H,D], key_bias [B,Sk] additive (0 or -10000) ->
+    (out [B,Sq,H,D], lse [B,H,Sq] fp32)."""
+    return kernel("attention_block")(q, k, v, key_bias, scale)
+
+
+def attention_block_backward(dout, q, k, v, out, lse, key_bias=None, scale=None):
+    """Gradients of one block given the ring's merged out and lse -> (dq, dk, dv)."""
+    return kernel("attention_block_backward")(dout, q, k, v, out, lse, key_bias, scale)
+
+
 def rms_norm(x, weight, eps):
     return kernel("rms_norm")(x, weight, eps)
 
@@ -44,6 +55,8 @@ __all__ = [
     "current_backend",
     "select_backend",
     "attention",
+    "attention_block",
+    "attention_block_backward",
     "rms_norm",
     "layer_norm",
     "apply_rope",

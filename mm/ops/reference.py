@@ -10,6 +10,13 @@ Layouts and numerics (shared by every backend, see ``mm/ops/__init__.py``):
 * layer_norm: computed in fp32, cast back to x's dtype.
 * apply_rope: rotate-half *within each chunk* of the last dim (spec §2.5: chunks t/h/w), in fp32,
   ``x * cos + rotate_half(x) * sin``, cast back.
+* attention_block / attention_block_backward: one block of ring attention (``mm.distributed.ring_attention``).
+  Forward: q ``[B, Sq, H, D]``, k/v ``[B, Sk, H, D]``, ``key_bias`` ``[B, Sk]`` additive (0 = attend,
+  ``MASKED_BIAS`` = masked; a finite bias keeps the log-sum-exp of a fully masked block finite, so the merge
+  gives it no weight) or None -> ``(out [B, Sq, H, D]`` in the input dtype, ``lse [B, H, Sq]`` fp32 or
+  wider). Backward takes the *merged* (global) out and lse of the whole ring and returns ``(dq, dk, dv)``
+  of this block. CPU: aten's flash-attention-for-cpu kernel and its backward, which take a mask and
+  return the log-sum-exp.
 """
 
 from __future__ import annotations
@@ -44,6 +51,27 @@ def attention(
         mask = key_mask[:, None, None, :]  # [B, 1, 1, Sk], broadcast over heads and queries
     out = F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
+
+
+MASKED_BIAS = -10000.0  # upstream's additive key bias; finite on purpose (see attention_block)
+
+
+def _bias_BHSk(key_bias: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    return None if key_bias is None else key_bias.to(q.dtype)[:, None, None, :]  # [B, 1, 1, Sk]
+
+
+def attention_block(q, k, v, key_bias=None, scale=None):
+    # [B, S, H, D] -> [B, H, S, D] views; the kernel returns out [B, H, Sq, D], lse [B, H, Sq]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=_bias_BHSk(key_bias, q), scale=scale)
+    return out.transpose(1, 2), lse
+
+
+def attention_block_backward(dout, q, k, v, out, lse, key_bias=None, scale=None):
+    t = (x.transpose(1, 2) for x in (dout, q, k, v, out))
+    dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *t, lse, 0.0, False, attn_mask=_bias_BHSk(key_bias, q), scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -88,4 +116,6 @@ def kernels() -> dict:
         "rms_norm": rms_norm,
         "layer_norm": layer_norm,
         "apply_rope": apply_rope,
+        "attention_block": attention_block,
+        "attention_block_backward": attention_block_backward,
     }

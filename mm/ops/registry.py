@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("cpu", "cuda", "npu")
 KERNELS = ("attention", "rms_norm", "layer_norm", "apply_rope")
+# kernels only some backends provide; asking for a missing one is an error naming the backend
+OPTIONAL_KERNELS = ("attention_block", "attention_block_backward")
 ENV_VAR = "MM_BACKEND"
 
 
@@ -150,4 +152,10 @@ def current_backend() -> Backend:
 
 
 def kernel(name: str) -> Callable:
-    return current_backend().kernels[name]
+    backend = current_backend()
+    if name not in backend.kernels and name in OPTIONAL_KERNELS:
+        raise BackendUnavailableError(
+            f"kernel {name!r} (ring attention block with log-sum-exp) is not implemented for backend "
+            f"{backend.name!r}; ring / hybrid context parallelism runs on the cpu backend, use "
+            "--context-parallel-algo ulysses_cp_algo on this one")
+    return backend.kernels[name]

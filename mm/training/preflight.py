@@ -86,13 +86,20 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
         if suv is not None:
             from mm.distributed.pipeline import pipeline_problems
 
-            for msg in pipeline_problems(suv, par):
+            mp = par.model_parallel_size
+            dp = world_size // mp if world_size % mp == 0 else None
+            micro = tr.num_microbatches(dp) if dp and tr.global_batch_size % (tr.micro_batch_size * dp) == 0 else None
+            for msg in pipeline_problems(suv, par, micro):
                 problems.add(msg)
         group = par.tensor_model_parallel_size * par.context_parallel_size
-        if suv is not None and suv.num_heads % group:
-            problems.add(f"--tensor-model-parallel-size {par.tensor_model_parallel_size} x --context-parallel-size "
-                         f"{par.context_parallel_size} = {group} does not divide the model's {suv.num_heads} "
-                         "attention heads (predictor.num_heads)")
+        heads_split = par.tensor_model_parallel_size * par.ulysses_size  # ring CP does not split heads
+        if suv is not None and suv.num_heads % heads_split:
+            what = ("--context-parallel-size" if par.context_parallel_algo == "ulysses_cp_algo"
+                    else "--ulysses-degree-in-cp")
+            problems.add(f"--tensor-model-parallel-size {par.tensor_model_parallel_size} x {what} "
+                         f"{par.ulysses_size} = {heads_split} does not divide the model's {suv.num_heads} "
+                         "attention heads (predictor.num_heads); ring context parallelism "
+                         "(--context-parallel-algo megatron_cp_algo) splits no heads")
         if par.encoder_data_parallel and world_size % par.model_parallel_size == 0:
             mb = tr.global_batch_size // max(1, tr.micro_batch_size * (world_size // par.model_parallel_size))
             if mb % group:

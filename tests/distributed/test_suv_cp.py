@@ -1,6 +1,8 @@
-"""SparseUMMDiT under Ulysses context parallelism (gloo ranks, spec §3.3): CP = 2 alone and together with
-TP = 2 (+ SP) gives the same outputs as one process, and the per-rank gradients averaged over CP (what
-megatron DDP's average over DP x CP does) equal the one-process gradients. Plus a trainer smoke test."""
+"""SparseUMMDiT under context parallelism (gloo ranks, spec §3.3): Ulysses, ring (megatron_cp_algo) and
+the hybrid (Ulysses x ring) alone and with TP = 2 (+ SP), with a padded caption and a padded video mask and
+frame counts CP does not divide (the flattened sequences are padded and split), give the same outputs as
+one process, and the per-rank gradients averaged over CP (what megatron DDP's average over DP x CP does)
+equal the one-process gradients. Plus trainer smoke tests."""
 
 import math
 
@@ -12,17 +14,29 @@ from mm.models import SparseUMMDiT
 from mm.models.sparse_ummdit import gather_upstream_state_dict, load_upstream_state_dict
 from suv_testing import random_inputs, random_state_dict, tiny_config
 
-# (TP, SP, num_heads, W, L): W / L keep the per-(CP x TP)-rank sequences whole under SP
-CASES = {"cp2": (1, False, 2, 10, 6), "cp2_tp2": (2, False, 4, 10, 6), "cp2_tp2_sp": (2, True, 4, 8, 8)}
+# name: (algo, CP, Ulysses degree (hybrid), TP, SP, num_heads, T, W, L). Ulysses cases keep T and L divisible
+# by CP as before; the ring / hybrid cases use T = 3 latent frames and L = 5 caption tokens (padded).
+CASES = {
+    "cp2": ("ulysses_cp_algo", 2, None, 1, False, 2, 2, 10, 6),
+    "cp2_tp2": ("ulysses_cp_algo", 2, None, 2, False, 4, 2, 10, 6),
+    "cp2_tp2_sp": ("ulysses_cp_algo", 2, None, 2, True, 4, 2, 8, 8),
+    "cp2_odd_frames": ("ulysses_cp_algo", 2, None, 1, False, 2, 3, 10, 5),
+    "ring2": ("megatron_cp_algo", 2, None, 1, False, 2, 3, 10, 5),
+    "ring2_tp2_sp": ("megatron_cp_algo", 2, None, 2, True, 2, 3, 10, 5),
+    "ring4": ("megatron_cp_algo", 4, None, 1, False, 1, 3, 10, 5),
+    "hybrid2x2": ("hybrid_cp_algo", 4, 2, 1, False, 2, 3, 10, 5),
+}
 
 
-def _cp_step(rank, world, tp, sp, heads, full_sd, inputs, loss_weight):
+def _cp_step(rank, world, case, full_sd, inputs, loss_weight):
     from mm.config import ParallelConfig
     from mm.distributed.init import init_parallel
     from mm.distributed.tp_layers import allreduce_sequence_parallel_grads
 
-    ps = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=2, sequence_parallel=sp))
-    assert ps.cp_size == 2
+    algo, cp, uly, tp, sp, heads = CASES[case][:6]
+    ps = init_parallel(ParallelConfig(tensor_model_parallel_size=tp, context_parallel_size=cp, sequence_parallel=sp,
+                                      context_parallel_algo=algo, ulysses_degree_in_cp=uly))
+    assert ps.cp_size == cp
     model = SparseUMMDiT(tiny_config(num_heads=heads), ps)
     load_upstream_state_dict(model, full_sd)
     model.train()
@@ -35,13 +49,13 @@ def _cp_step(rank, world, tp, sp, heads, full_sd, inputs, loss_weight):
     return ps.cp_rank, out.detach(), grads, latents.grad, text.grad
 
 
-def _reference(heads, W, L):
+def _reference(heads, T, W, L):
     cfg = tiny_config(num_heads=heads)
     model = SparseUMMDiT(cfg)
     full_sd = random_state_dict(model, seed=7)
     model.load_state_dict(full_sd)
     model.train()
-    inputs = random_inputs(cfg, W=W, L=L, seed=8)
+    inputs = random_inputs(cfg, T=T, W=W, L=L, seed=8)
     loss_weight = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(9))
     latents, timestep, text, *rest = inputs
     latents, text = latents.clone().requires_grad_(), text.clone().requires_grad_()
@@ -52,56 +66,62 @@ def _reference(heads, W, L):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_cp2_matches_single_process(case):
-    tp, sp, heads, W, L = CASES[case]
+def test_cp_matches_single_process(case):
+    algo, cp, uly, tp, sp, heads, T, W, L = CASES[case]
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        full_sd, inputs, loss_weight, ref_out, ref_grads, ref_dlat, ref_dtext = _reference(heads, W, L)
+        full_sd, inputs, loss_weight, ref_out, ref_grads, ref_dlat, ref_dtext = _reference(heads, T, W, L)
     finally:
         torch.set_num_threads(n)
-    results = run_distributed(_cp_step, 2 * tp, args=(tp, sp, heads, full_sd, inputs, loss_weight), timeout=120)
-    assert sorted(r[0] for r in results) == sorted([0, 1] * tp)
+    results = run_distributed(_cp_step, cp * tp, args=(case, full_sd, inputs, loss_weight), timeout=180)
+    assert sorted(r[0] for r in results) == sorted(list(range(cp)) * tp)
     for _, out, grads, dlat, dtext in results:
         torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
         # input grads: the split's backward gathers (CP x own chunk) and divides by CP -> the full gradient
         torch.testing.assert_close(dlat, ref_dlat, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(dtext, ref_dtext, rtol=1e-4, atol=1e-5)
         assert grads.keys() == ref_grads.keys()
-    # parameter grads: rank r holds CP x (contribution of its own frames/tokens); the mean over CP (megatron
-    # DDP averages over DP x CP) is the one-process gradient. TP ranks hold identical gathered grads.
+    # parameter grads: rank r holds CP x (contribution of its own tokens); the mean over CP (megatron DDP
+    # averages over DP x CP) is the one-process gradient. TP ranks hold identical gathered grads.
     for key in ref_grads:
         mean = torch.stack([r[2][key] for r in results]).mean(0)
-        ref = ref_grads[key]  # the two halves are summed in another order: tolerance relative to the grad scale
+        ref = ref_grads[key]  # the parts are summed in another order: tolerance relative to the grad scale
         torch.testing.assert_close(mean, ref, rtol=1e-4, atol=1e-5 * max(1.0, float(ref.abs().max())),
                                    msg=lambda m: f"{key}: {m}")
 
 
-def _cp_bad_inputs(rank, world):
+def _cp_heads(rank, world):
     from mm.config import ParallelConfig
     from mm.distributed.init import init_parallel
 
-    ps = init_parallel(ParallelConfig(context_parallel_size=2))
     errors = []
-    try:
-        SparseUMMDiT(tiny_config(num_heads=3, head_dim=16), ps)
-    except ValueError as e:
-        errors.append(str(e))
-    model = SparseUMMDiT(tiny_config(), ps)
-    for T, L in ((3, 6), (2, 5)):
+    for algo in ("ulysses_cp_algo", "megatron_cp_algo"):
+        ps = init_parallel(ParallelConfig(context_parallel_size=2, context_parallel_algo=algo))
         try:
-            model(*random_inputs(model.suv_config, T=T, L=L, masks=False))
+            SparseUMMDiT(tiny_config(num_heads=3), ps)
         except ValueError as e:
             errors.append(str(e))
     return errors
 
 
-def test_cp_divisibility_errors():
-    errors = run_distributed(_cp_bad_inputs, 2, timeout=60)[0]
-    assert len(errors) == 3, errors
-    assert "num_heads=3" in errors[0] and "CP = 1 x 2" in errors[0]
-    assert "latent frames (3)" in errors[1] and "CP size 2" in errors[1]
-    assert "text tokens (5)" in errors[2]
+def test_cp_head_constraint_is_ulysses_only():
+    errors = run_distributed(_cp_heads, 2, timeout=60)[0]
+    assert len(errors) == 1, errors  # the ring builds 3 heads at CP = 2
+    assert "num_heads=3" in errors[0] and "Ulysses-CP = 1 x 2" in errors[0] and "megatron_cp_algo" in errors[0]
+
+
+def test_cp_algo_config_errors():
+    from mm.config import ParallelConfig
+
+    with pytest.raises(ValueError, match=r"ulysses_degree_in_cp.*one of \[1, 2, 4\]"):
+        ParallelConfig(context_parallel_size=4, context_parallel_algo="hybrid_cp_algo", ulysses_degree_in_cp=3)
+    with pytest.raises(ValueError, match="unset unless context_parallel_algo is hybrid_cp_algo"):
+        ParallelConfig(context_parallel_size=4, context_parallel_algo="megatron_cp_algo", ulysses_degree_in_cp=2)
+    with pytest.raises(ValueError, match="context_parallel_algo"):
+        ParallelConfig(context_parallel_size=2, context_parallel_algo="ring")
+    assert ParallelConfig(context_parallel_size=4, context_parallel_algo="hybrid_cp_algo",
+                          ulysses_degree_in_cp=2).ulysses_size == 2
 
 
 @pytest.fixture(scope="module")
