@@ -4,11 +4,11 @@
         --num-devices 1024 --device h100 [--device-memory-gb 80] [--seq-shape 121x576x1024] \\
         [--global-batch-size 1024] [--micro-batch-size 1] [--text-len 512] [--top 20]
 
-Enumerates TP (+SP) x CP (Ulysses) x DP layouts with PP = 1, with and without the distributed optimizer,
-with no / selective (FFN half) / full activation recompute, and prints per-rank memory and an estimated
-step time and MFU for each; infeasible layouts are marked with the reason, feasible ones ranked by step
-time. Pipeline parallelism and ring / hybrid context parallelism are listed as "not supported yet" (the
-trainer rejects them).
+Enumerates TP (+SP) x CP (Ulysses) x PP x DP layouts, with and without the distributed optimizer, with no /
+selective (FFN half) / full activation recompute, and prints per-rank memory (the fullest pipeline stage's,
+with every stage's peak in the note) and an estimated step time and MFU for each; infeasible layouts are
+marked with the reason, feasible ones ranked by step time. Ring / hybrid context parallelism is listed as
+"not supported yet" (the trainer has Ulysses only).
 
 Memory model (bytes per rank; ``P`` = this rank's SUV parameters, counted exactly from a meta-device build:
 TP-split parameters / TP + replicated ones):
@@ -24,9 +24,13 @@ TP-split parameters / TP + replicated ones):
   full width, TP-sharded ones) split into the attention and FFN halves, so recompute keeps: none = all,
   selective = the attention half + the FFN inputs, full = the block inputs (plus one block's activations
   while it is recomputed). Calibrated against ``mm.tools.memory_probe`` on real CPU runs of the tiny and a
-  mid-size config (``tests/unit/test_plan.py``, within 20%);
+  mid-size config at TP 1, TP 2 + SP and PP 2 (``tests/distributed/test_plan_calibration.py``, within 20%);
 * attention buffers: the softmax statistics (fp32, one per local head and query per block); our kernels never
   materialise the ``S x S`` scores or mask (spec §3.1);
+* pipeline stages (PP > 1): the trainer's stage cut (``mm.distributed.pipeline`` cost model), each stage's own
+  parameters (meta-device chunk builds), and under 1F1B stage ``s`` holding ``min(PP - s, micro-batches)``
+  micro-batches' activations plus the boundary state it received for each (both streams and the live long
+  skips);
 * frozen encoders: WFVAE, T5 and CLIP weights in their dtypes (0 with the feature cache); counted from the
   encoder directories' ``config.json`` when present, else from the released architectures. The WFVAE
   encode runs before the denoiser's forward and is bounded by its temporal tiling; it is not added.
@@ -34,7 +38,8 @@ TP-split parameters / TP + replicated ones):
 Step-time model: compute = model FLOPs (``mm.training.metrics.train_flops``, Skiparse-aware) x the recompute
 factor / (peak x ``--compute-efficiency``); TP + SP: 4 all-gathers / reduce-scatters of the activations per
 block in the forward and 4 in the backward, over NVLink/HCCS when the TP group is inside a node; Ulysses CP:
-4 all-to-alls per block each way over the CP group; DP: the grad reduce-scatter (fp32) and the param
+4 all-to-alls per block each way over the CP group; PP: the slowest stage's share of the FLOPs, one boundary
+state each way per micro-batch, and the 1F1B bubble ``(m + PP - 1) / m``; DP: the grad reduce-scatter (fp32) and the param
 all-gather of the distributed optimizer (or an all-reduce without it) over the inter-node fabric; no
 overlap is assumed (the trainer's DDP does not overlap). MFU = model FLOPs / (step time x devices x peak).
 Bandwidths are per device, nominal, and listed in :data:`DEVICES`.
@@ -45,6 +50,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +109,8 @@ class ModelFacts:
     flops_shape: object  # mm.training.metrics.SUVShape
     vae_stride: tuple  # (t, h, w)
     patch: tuple  # (t, h, w) patch sizes
+    suv: object = None  # mm.models.suv_config.SUVConfig (pipeline stage cuts and chunk builds)
+    stage_cache: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def params_per_rank(self, tp: int) -> int:
         return self.tp_split_params // tp + self.replicated_params
@@ -112,13 +120,14 @@ class ModelFacts:
         return self.tp_split_params + self.replicated_params
 
 
-def count_suv_params(spec) -> tuple[int, int]:
-    """(TP-split, replicated) parameter counts of the SUV, from a build on the meta device."""
+def count_suv_params(suv_config, block_range: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(TP-split, replicated) parameter counts of the SUV (or of the pipeline chunk over ``block_range``), from a
+    build on the meta device."""
     import torch
 
     from mm.models.sparse_ummdit import SparseUMMDiT
 
-    model = SparseUMMDiT(spec.suv_config(), None, torch.float32, device="meta")
+    model = SparseUMMDiT(suv_config, None, torch.float32, device="meta", block_range=block_range)
     split = sum(p.numel() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
     replicated = sum(p.numel() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False))
     return split, replicated
@@ -170,7 +179,7 @@ def model_facts(spec) -> ModelFacts:
     from mm.training.metrics import SUVShape
 
     cfg = spec.suv_config()
-    split, replicated = count_suv_params(spec)
+    split, replicated = count_suv_params(cfg)
     frozen, notes = count_frozen(spec)
     from mm.models.wfvae import SCALE_FACTOR
 
@@ -179,7 +188,7 @@ def model_facts(spec) -> ModelFacts:
         num_blocks=cfg.num_blocks, frozen_bytes=frozen, frozen_notes=notes,
         flops_shape=SUVShape(tuple(cfg.num_layers), tuple(cfg.effective_sparse_n()), cfg.hidden_size,
                              cfg.timestep_embed_dim, cfg.patch_size, cfg.patch_size_t),
-        vae_stride=tuple(SCALE_FACTOR), patch=(cfg.patch_size_t, cfg.patch_size, cfg.patch_size),
+        vae_stride=tuple(SCALE_FACTOR), patch=(cfg.patch_size_t, cfg.patch_size, cfg.patch_size), suv=cfg,
     )
 
 
@@ -254,6 +263,7 @@ class Estimate:
     comm_seconds: dict
     micro_batches: int
     problems: list
+    stage_peaks: list = dataclasses.field(default_factory=list)  # per pipeline stage, bytes (PP > 1)
 
     @property
     def total_bytes(self) -> int:
@@ -264,10 +274,17 @@ class Estimate:
         return not self.problems
 
 
-def activation_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
-    """Activation memory per rank at the peak of one micro-batch's backward."""
+def _tokens(facts: ModelFacts, layout: Layout, work: Workload) -> float:
+    """Video + text tokens of one micro-batch on one CP rank."""
+    return (work.video_tokens(facts) + work.text_len) / layout.cp * work.micro_batch
+
+
+def activation_bytes(facts: ModelFacts, layout: Layout, work: Workload, block_range: tuple[int, int] | None = None,
+                     in_flight: int = 1) -> int:
+    """Activation memory per rank at the peak of the backward, for the blocks in ``block_range`` (default all) with
+    ``in_flight`` micro-batches' activations held at once (pipeline stages under 1F1B)."""
     e = 2 if work.bf16 else 4
-    tokens = (work.video_tokens(facts) + work.text_len) / layout.cp * work.micro_batch
+    tokens = _tokens(facts, layout, work)
     sp = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
     D = facts.hidden
 
@@ -276,39 +293,93 @@ def activation_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
 
     full_block = half(ACT["attn"]) + half(ACT["ffn"])
     inputs = tokens * D * BLOCK_INPUT_F32 * 4 / sp
-    n = facts.num_blocks
-    k = n if layout.recompute_layers is None else min(layout.recompute_layers, n)  # blocks recomputed
+    b0, b1 = block_range or (0, facts.num_blocks)
+    n = b1 - b0
+    last = facts.num_blocks if layout.recompute_layers is None else layout.recompute_layers  # first N recomputed
+    k = max(0, min(b1, last) - b0)  # recomputed blocks of this range
     if layout.recompute == "none" or k == 0:
         kept, extra = n * full_block, 0.0
     elif layout.recompute == "selective":
         kept, extra = k * (half(ACT["attn"]) + inputs / 2) + (n - k) * full_block, half(ACT["ffn"])
     else:
         kept, extra = k * inputs + (n - k) * full_block, full_block
-    return int(kept + extra)
+    return int(kept * in_flight + extra)
 
 
-def attention_buffer_bytes(facts: ModelFacts, layout: Layout, work: Workload) -> int:
+def attention_buffer_bytes(facts: ModelFacts, layout: Layout, work: Workload, blocks: int | None = None,
+                           in_flight: int = 1) -> int:
     """Softmax statistics kept for the backward (fp32, one per local head and query, every block): the fused /
     flash kernels never materialise the scores or the mask."""
     heads = facts.num_heads / (layout.tp * layout.cp)
-    return int(facts.num_blocks * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4)
+    n = facts.num_blocks if blocks is None else blocks
+    return int(n * in_flight * work.micro_batch * heads * (work.video_tokens(facts) + work.text_len) * 4)
 
 
-def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
-    P = facts.params_per_rank(layout.tp)
+def stage_blocks(facts: ModelFacts, layout: Layout, work: Workload) -> list[int]:
+    """Blocks per pipeline stage: the trainer's cost-model cut (``mm.distributed.pipeline``)."""
+    from mm.distributed.pipeline import resolve_stage_blocks
+
+    return resolve_stage_blocks(facts.suv, layout.pp, None, work.latent_thw, work.text_len)
+
+
+def stage_params(facts: ModelFacts, blocks: list[int]) -> list[tuple[int, int]]:
+    """(TP-split, replicated) parameters of each pipeline chunk (meta-device builds, cached per cut)."""
+    from mm.distributed.pipeline import block_ranges
+
+    key = tuple(blocks)
+    if key not in facts.stage_cache:
+        facts.stage_cache[key] = [count_suv_params(facts.suv, r) for r in block_ranges(blocks)]
+    return facts.stage_cache[key]
+
+
+def boundary_bytes(facts: ModelFacts, layout: Layout, work: Workload, block: int) -> int:
+    """The packed state a pipeline stage receives before ``block``: both streams and every live long skip."""
+    from mm.models.sparse_ummdit import live_skips_at
+
+    sp = layout.tp if layout.sequence_parallel and layout.tp > 1 else 1
+    return int((1 + live_skips_at(facts.suv, block)) * _tokens(facts, layout, work) / sp * facts.hidden
+               * (2 if work.bf16 else 4))
+
+
+def micro_batches(layout: Layout, work: Workload) -> int:
+    return max(1, work.global_batch // max(1, work.micro_batch * layout.dp))
+
+
+def stage_memory(facts: ModelFacts, layout: Layout, work: Workload, blocks: list[int] | None = None) -> list[dict]:
+    """Per-rank memory of each pipeline stage (one entry at PP = 1): category -> bytes. ``blocks``: the stage cut
+    (default: the trainer's cost-model cut)."""
+    from mm.distributed.pipeline import block_ranges
+
     shards = layout.dp * layout.cp if layout.distributed_optimizer else 1
     e = 2 if work.bf16 else 4
     master = 4 if work.bf16 else 0
-    return {
-        "weights": P * e,
-        "grads": P * 4,
-        "optimizer": (8 + master) * P // shards,
-        "ema": 4 * P // shards,
-        "opt_step": int(OPT_STEP_F32 * 4 * P // shards),
-        "activations": activation_bytes(facts, layout, work),
-        "attention": attention_buffer_bytes(facts, layout, work),
-        "frozen": sum(facts.frozen_bytes.values()),
-    }
+    if layout.pp == 1:
+        ranges, params, flights = [(0, facts.num_blocks)], [(facts.tp_split_params, facts.replicated_params)], [1]
+    else:
+        blocks = blocks or stage_blocks(facts, layout, work)
+        ranges, params = block_ranges(blocks), stage_params(facts, blocks)
+        m = micro_batches(layout, work)
+        flights = [min(layout.pp - s, m) for s in range(layout.pp)]  # 1F1B: stage s holds PP - s micro-batches
+    out = []
+    for (b0, b1), (split, replicated), flight in zip(ranges, params, flights):
+        P = split // layout.tp + replicated
+        received = flight * boundary_bytes(facts, layout, work, b0) if b0 > 0 else 0
+        out.append({
+            "weights": P * e,
+            "grads": P * 4,
+            "optimizer": (8 + master) * P // shards,
+            "ema": 4 * P // shards,
+            "opt_step": int(OPT_STEP_F32 * 4 * P // shards),
+            "activations": activation_bytes(facts, layout, work, (b0, b1), flight) + received,
+            "attention": attention_buffer_bytes(facts, layout, work, b1 - b0, flight),
+            "frozen": sum(facts.frozen_bytes.values()),
+        })
+    return out
+
+
+def memory_per_rank(facts: ModelFacts, layout: Layout, work: Workload) -> dict:
+    """The memory of the rank that needs the most (the fullest pipeline stage at PP > 1)."""
+    return max(stage_memory(facts, layout, work), key=peak_bytes)
 
 
 def checkpoint_bytes(total_params: int, bf16: bool) -> int:
@@ -331,16 +402,14 @@ def _ring_seconds(nbytes: float, group: int, gbps: float) -> float:
 
 def layout_problems(facts: ModelFacts, layout: Layout, work: Workload, num_devices: int) -> list[str]:
     p = []
-    if layout.pp > 1:
-        p.append("pipeline parallelism is not supported yet")
     if layout.cp > 1 and layout.cp_algorithm != "ulysses":
-        p.append(f"{layout.cp_algorithm} context parallelism is not supported yet")
-    if p:
-        return p
+        return [f"{layout.cp_algorithm} context parallelism is not supported yet"]
     if layout.tp * layout.cp * layout.pp * layout.dp != num_devices:
         p.append(f"TP x CP x PP x DP = {layout.tp * layout.cp * layout.pp * layout.dp} != {num_devices} devices")
     if facts.num_heads % (layout.tp * layout.cp):
         p.append(f"heads {facts.num_heads} not divisible by TP x CP = {layout.tp * layout.cp}")
+    if layout.pp > facts.num_blocks:
+        p.append(f"PP {layout.pp} > the model's {facts.num_blocks} blocks")
     t = work.latent_thw[0]
     if layout.cp > 1 and (t % layout.cp or work.text_len % layout.cp):
         p.append(f"latent frames {t} / text tokens {work.text_len} not divisible by CP {layout.cp}")
@@ -355,58 +424,72 @@ def layout_problems(facts: ModelFacts, layout: Layout, work: Workload, num_devic
 
 def estimate(facts: ModelFacts, layout: Layout, work: Workload, device: Device, num_devices: int,
              compute_efficiency: float = 0.5, headroom: float = HEADROOM) -> Estimate:
+    from mm.distributed.pipeline import block_costs, block_ranges
     from mm.training.metrics import PEAK_TFLOPS, train_flops
 
     problems = layout_problems(facts, layout, work, num_devices)
-    memory = memory_per_rank(facts, layout, work)
-    usable = device.memory_gb * (1 - headroom)  # allocator fragmentation, communication buffers, kernels' workspace
-    if supported(layout) and peak_bytes(memory) > usable * GB:
-        problems.append(f"needs {peak_bytes(memory) / GB:.1f} GB > {usable:.1f} GB usable of {device.memory_gb:g} GB")
-    micro = max(1, work.global_batch // max(1, work.micro_batch * layout.dp))
     flops = train_flops(facts.flops_shape, work.latent_thw, work.text_len, work.global_batch)
-    recompute_factor = {"none": 1.0, "selective": 1.0 + 0.5 / 3, "full": 4.0 / 3}[layout.recompute]
     peak = PEAK_TFLOPS[device.peak_key] * 1e12
-    compute = flops * recompute_factor / num_devices / (peak * compute_efficiency)
+    micro = micro_batches(layout, work)
+    if problems and not supported(layout):
+        return Estimate(layout, {}, math.inf, None, {}, micro, problems)
+    stages = stage_memory(facts, layout, work) if layout.pp <= facts.num_blocks else [memory_per_rank(
+        facts, dataclasses.replace(layout, pp=1), work)]
+    memory = max(stages, key=peak_bytes)
+    usable = device.memory_gb * (1 - headroom)  # allocator fragmentation, communication buffers, kernels' workspace
+    if peak_bytes(memory) > usable * GB:
+        problems.append(f"needs {peak_bytes(memory) / GB:.1f} GB > {usable:.1f} GB usable of {device.memory_gb:g} GB")
+    recompute_factor = {"none": 1.0, "selective": 1.0 + 0.5 / 3, "full": 4.0 / 3}[layout.recompute]
+    # the slowest pipeline stage sets the pace; (m + PP - 1) / m for the 1F1B fill and drain
+    if layout.pp > 1 and layout.pp <= facts.num_blocks:
+        blocks = stage_blocks(facts, layout, work)
+        costs = block_costs(facts.suv, work.latent_thw, work.text_len)
+        ranges = block_ranges(blocks)
+        share = max(sum(costs[b0:b1]) for b0, b1 in ranges) / sum(costs)
+        stage_blocks_max = max(blocks)
+    else:
+        share, stage_blocks_max, ranges = 1.0, facts.num_blocks, [(0, facts.num_blocks)]
+    bubble = (micro + layout.pp - 1) / micro
+    compute = flops * recompute_factor * share * layout.pp / num_devices / (peak * compute_efficiency)
     e = 2 if work.bf16 else 4
-    tokens = (work.video_tokens(facts) + work.text_len) / layout.cp * work.micro_batch
-    act = tokens * facts.hidden * e  # one full-width activation of one micro-batch on one CP rank
+    act = _tokens(facts, layout, work) * facts.hidden * e  # one full-width activation of a micro-batch on a CP rank
     tp_bw = device.intra_node_gbps if layout.tp <= device.per_node else device.inter_node_gbps
     cp_bw = device.intra_node_gbps if layout.tp * layout.cp <= device.per_node else device.inter_node_gbps
     dp_bw = device.intra_node_gbps if layout.tp * layout.cp * layout.dp <= device.per_node else device.inter_node_gbps
-    P = facts.params_per_rank(layout.tp)
+    pp_bw = device.intra_node_gbps if num_devices <= device.per_node else device.inter_node_gbps
+    P = (memory["grads"] // 4)
     comm = {
-        "tp": micro * facts.num_blocks * 8 * _ring_seconds(act, layout.tp, tp_bw),
-        "cp": micro * facts.num_blocks * 8 * _ring_seconds(act / layout.tp, layout.cp, cp_bw),
+        "tp": micro * stage_blocks_max * 8 * _ring_seconds(act, layout.tp, tp_bw),
+        "cp": micro * stage_blocks_max * 8 * _ring_seconds(act / layout.tp, layout.cp, cp_bw),
+        # one boundary state forward and its gradient backward per micro-batch, point to point
+        "pp": micro * 2 * max((boundary_bytes(facts, layout, work, b0) for b0, _ in ranges[1:]), default=0) / (pp_bw * GB),
         # reduce-scatter fp32 grads + all-gather params, or one all-reduce (2x a reduce-scatter) of fp32 grads
         "dp": _ring_seconds(P * (4 + e) if layout.distributed_optimizer else 2 * 4 * P, layout.dp * layout.cp, dp_bw),
     }
-    step = compute + sum(comm.values())
-    return Estimate(layout, memory, step, flops / (step * num_devices * peak), comm, micro, problems)
+    step = (compute + comm["tp"] + comm["cp"] + comm["pp"]) * bubble + comm["dp"]
+    est = Estimate(layout, memory, step, flops / (step * num_devices * peak), comm, micro, problems)
+    est.stage_peaks = [peak_bytes(m) for m in stages] if layout.pp > 1 else []
+    return est
 
 
 def enumerate_layouts(facts: ModelFacts, num_devices: int, per_node: int) -> list[Layout]:
     sizes = [1 << i for i in range(0, 12) if (1 << i) <= num_devices]
     out = []
     for tp in (s for s in sizes if s <= per_node):
-        for cp in sizes:
-            if num_devices % (tp * cp):
-                continue
-            for distopt in (True, False):
-                for rc in RECOMPUTE:
-                    out.append(Layout(tp, cp, num_devices // (tp * cp), sequence_parallel=tp > 1,
-                                      distributed_optimizer=distopt, recompute=rc))
+        for pp in (s for s in sizes if s <= min(8, facts.num_blocks)):
+            for cp in sizes:
+                if num_devices % (tp * cp * pp):
+                    continue
+                for distopt in (True, False):
+                    for rc in RECOMPUTE:
+                        out.append(Layout(tp, cp, num_devices // (tp * cp * pp), pp=pp, sequence_parallel=tp > 1,
+                                          distributed_optimizer=distopt, recompute=rc))
     return out
 
 
 def unsupported_layouts(num_devices: int) -> list[Layout]:
     """Layouts a user may ask about that the trainer cannot run yet (listed, never ranked)."""
-    out = []
-    for pp in (2, 4):
-        if num_devices % (4 * pp) == 0:
-            out.append(Layout(4, 1, num_devices // (4 * pp), pp=pp))
-    if num_devices % 8 == 0:
-        out.append(Layout(4, 2, num_devices // 8, cp_algorithm="ring"))
-    return out
+    return [Layout(4, 2, num_devices // 8, cp_algorithm="ring")] if num_devices % 8 == 0 else []
 
 
 def plan(facts: ModelFacts, work: Workload, device: Device, num_devices: int, compute_efficiency: float = 0.5,
@@ -424,18 +507,21 @@ COLUMNS = ("layout", "distopt", "recompute", "GA", "weights", "grads", "optim", 
 
 
 def supported(layout: Layout) -> bool:
-    return layout.pp == 1 and (layout.cp == 1 or layout.cp_algorithm == "ulysses")
+    return layout.cp == 1 or layout.cp_algorithm == "ulysses"
 
 
 def _row(e: Estimate) -> list[str]:
     head = [e.layout.label(), "y" if e.layout.distributed_optimizer else "n", e.layout.recompute, str(e.micro_batches)]
-    if not supported(e.layout):  # the model does not cover stage splits or ring attention: no numbers
+    if not supported(e.layout):  # the model does not cover ring attention: no numbers
         return head + ["-"] * (len(COLUMNS) - len(head) - 1) + ["; ".join(e.problems)]
     m = e.memory
     gb = lambda v: f"{v / GB:.3g}"  # noqa: E731
+    notes = list(e.problems)
+    if e.stage_peaks:
+        notes.insert(0, "stage peaks " + "/".join(f"{p / GB:.3g}" for p in e.stage_peaks) + " GB")
     return head + [gb(m["weights"]), gb(m["grads"]), gb(m["optimizer"]), gb(m["ema"]), gb(m["activations"]),
                    gb(m["attention"]), gb(m["frozen"]), gb(peak_bytes(m)), f"{e.step_seconds:.3g}",
-                   f"{100 * e.mfu:.1f}%" if e.mfu is not None else "n/a", "; ".join(e.problems)]
+                   f"{100 * e.mfu:.1f}%" if e.mfu is not None else "n/a", "; ".join(notes)]
 
 
 def format_table(rows: list[list[str]]) -> str:

@@ -43,9 +43,19 @@ def test_layout_upstream_could_not_run_is_infeasible(released):
     assert not e.feasible and "GB usable of 64 GB" in e.problems[0]
 
 
-def test_pipeline_and_ring_layouts_are_listed_as_not_supported(released):
+def test_ring_cp_is_listed_as_not_supported(released):
     from mm.tools.plan import Layout
 
-    assert "pipeline parallelism is not supported yet" in _video4(released, Layout(tp=4, cp=1, dp=64, pp=2)).problems
     ring = _video4(released, Layout(tp=4, cp=2, dp=64, cp_algorithm="ring"))
-    assert "ring context parallelism is not supported yet" in ring.problems
+    assert ring.problems == ["ring context parallelism is not supported yet"]
+
+
+def test_pipeline_stages_split_weights_and_keep_1f1b_activations(released):
+    from mm.tools.plan import Layout, peak_bytes
+
+    pp1 = _video4(released, Layout(tp=4, cp=1, dp=128, recompute="selective"))
+    pp4 = _video4(released, Layout(tp=4, cp=1, dp=32, pp=4, recompute="selective"))
+    assert pp4.micro_batches == 16 and len(pp4.stage_peaks) == 4
+    assert pp4.memory["weights"] < pp1.memory["weights"] / 2  # the fullest stage holds well under half the weights
+    assert max(pp4.stage_peaks) == peak_bytes(pp4.memory)
+    assert pp4.stage_peaks[-1] < pp4.stage_peaks[0]  # the last stage holds one micro-batch in flight, the first four
