@@ -1,0 +1,76 @@
+"""The trainer under context parallelism on the tiny preset with 17-frame clips (3 latent frames, which no CP
+size > 1 divides: the flattened sequences are padded and split): Ulysses (CP 2), the ring (CP 2, through the
+``pretrain_sora.py`` entry point under torchrun) and the hybrid 2 x 2 log the one-process losses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from harness import run_distributed
+from tiny_workspace import ROOT, make_workspace
+
+ITERS = 2
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("ws_cp"), num=2, frames=17, cfg_rate=0.0)
+
+
+def _train(rank, world, ws, par: dict):
+    from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
+    from mm.config_upstream import load_data_config, load_model_json
+    from mm.training.trainer import Trainer
+
+    run = RunConfig(
+        parallel=ParallelConfig(**par),
+        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3),
+        training=TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=ITERS, seed=1234),
+        checkpoint=CheckpointConfig(save=None),
+    )
+    t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
+    assert t.ps.dp_size == 1
+    return [(r.loss, r.grad_norm) for r in t.train()]
+
+
+def _close(a, b, rel=1e-4):
+    return len(a) == len(b) and all(abs(x - y) <= rel * max(abs(x), abs(y), 1e-12) for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def reference(ws):
+    return run_distributed(_train, 1, args=(ws, {}), timeout=240)[0]
+
+
+@pytest.mark.parametrize("par", [
+    {"context_parallel_size": 2},
+    {"context_parallel_size": 4, "context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 2},
+], ids=["ulysses2", "hybrid2x2"])
+def test_cp_trains_like_one_process(ws, reference, par):
+    runs = run_distributed(_train, par["context_parallel_size"], args=(ws, par), timeout=300)
+    assert all(r == runs[0] for r in runs)  # every CP rank computes the loss on the full output
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*reference)
+    assert _close(losses, ref_losses) and _close(norms, ref_norms), (runs[0], reference)
+
+
+def test_torchrun_ring_cp2_logs_the_cp1_losses(ws, reference, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    save = tmp_path / "run"
+    cmd = [torchrun, "--nproc_per_node", "2", str(ROOT / "pretrain_sora.py"), "--mm-model", ws["model"],
+           "--mm-data", ws["data"], "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
+           "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", str(ITERS), "--seed", "1234",
+           "--lr", "1e-3", "--min-lr", "1e-3", "--log-interval", "1", "--save", str(save), "--save-interval", "100",
+           "--data-num-workers", "0"]
+    env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "megatron_cp_algo, Ulysses 1 x ring 2" in proc.stderr + proc.stdout
+    with open(save / "train_log.jsonl") as f:
+        logged = [json.loads(line)["loss"] for line in f]
+    assert _close(logged, [loss for loss, _ in reference]), (logged, reference)
