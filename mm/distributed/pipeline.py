@@ -15,6 +15,8 @@ the interleaved schedule takes one shape, so there every boundary is zero-padded
   PP rank ``r`` holds virtual stage ``v * pp + r``), each a :class:`SparseUMMDiT` over a block range.
 * :func:`pack_state` / :func:`unpack_state`: the boundary tensor, in this one place.
 * :func:`run_chunk`: one chunk's forward inside megatron's ``forward_step`` (unpack, model, pack).
+* :class:`ChunkGroup` / :class:`MicroBatchFeed`: a rank's interleaved chunks as one model for checkpoints and
+  the EMA, and the one read of each micro-batch that all of them run.
 * :func:`configure_pipeline`: what the schedules and ``finalize_model_grads`` read (pipeline dtype,
   variable shapes, ``batch_p2p_comm=False`` at PP = 2 with VPP, the conditioning embedder replicated on
   every chunk: grads all-reduced over PP, own DDP bucket, counted once in the grad norm).
@@ -220,17 +222,73 @@ def data_latent_shape(data_cfg) -> tuple[tuple[int, int, int], int]:
         data_cfg.model_max_length
 
 
-def trainer_chunk_kwargs(cfg: SUVConfig, parallel, parallel_cfg, data_cfg, seed: int) -> tuple[dict, str | None]:
-    """``SparseUMMDiT`` keywords of this rank's (single) chunk for the trainer, and the stage plan to print
-    (None at PP = 1). Every layout initialises from per-module streams of ``seed``, so PP = N starts from
-    the weights PP = 1 starts from."""
+def trainer_chunk_kwargs(cfg: SUVConfig, parallel, parallel_cfg, data_cfg, seed: int) -> tuple[list[dict], str | None]:
+    """``SparseUMMDiT`` keywords of this rank's chunks for the trainer (one per virtual stage it holds), and
+    the stage plan to print (None at PP = 1). Every layout initialises from per-module streams of ``seed``,
+    so PP = N starts from the weights PP = 1 starts from."""
     if parallel.pp_size == 1:
-        return {"init_seed": seed}, None
+        return [{"init_seed": seed}], None
+    pp, vpp = parallel.pp_size, parallel_cfg.virtual_pipeline_model_parallel_size or 1
     thw, text_len = data_latent_shape(data_cfg)
-    blocks = resolve_stage_blocks(cfg, parallel.pp_size, parallel_cfg.pipeline_stage_blocks, thw, text_len)
+    blocks = resolve_stage_blocks(cfg, pp * vpp, parallel_cfg.pipeline_stage_blocks, thw, text_len)
     ranges = block_ranges(blocks)
-    kwargs = {"init_seed": seed, "block_range": ranges[parallel.pp_rank], "pipeline_replica": parallel.pp_rank}
-    return kwargs, stage_plan_text(cfg, blocks, parallel.pp_size, thw, text_len)
+    kwargs = [{"init_seed": seed, "block_range": ranges[v * pp + parallel.pp_rank],
+               "pipeline_replica": v * pp + parallel.pp_rank} for v in range(vpp)]
+    return kwargs, stage_plan_text(cfg, blocks, pp, thw, text_len)
+
+
+class ChunkGroup:
+    """A rank's interleaved model chunks seen as one model by checkpointing, the EMA and the summary: one flat
+    key space, the released names, except that the conditioning embedder replicated on chunk ``v > 0`` is
+    ``vpp<v>/time_text_embed.*`` (its sharded tensors keep the released storage key with their own replica
+    id, so checkpoints stay layout-free)."""
+
+    EMBEDDER = "time_text_embed."
+
+    def __init__(self, chunks: Sequence[SparseUMMDiT]):
+        self.chunks = list(chunks)
+        self.suv_config = self.chunks[0].suv_config
+
+    def _name(self, v: int, name: str) -> str:
+        return f"vpp{v}/{name}" if v and name.startswith(self.EMBEDDER) else name
+
+    def named_parameters(self):
+        for v, chunk in enumerate(self.chunks):
+            for name, p in chunk.named_parameters():
+                yield self._name(v, name), p
+
+    def parameters(self):
+        return (p for _, p in self.named_parameters())
+
+    def train(self, mode: bool = True) -> "ChunkGroup":
+        for chunk in self.chunks:
+            chunk.train(mode)
+        return self
+
+    def state_dict(self) -> dict:
+        return {self._name(v, k): t for v, chunk in enumerate(self.chunks) for k, t in chunk.state_dict().items()}
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets=(), metadata: dict | None = None) -> dict:
+        out = {}
+        for v, chunk in enumerate(self.chunks):
+            for k, sh in chunk.sharded_state_dict(prefix, sharded_offsets, metadata).items():
+                out[self._name(v, k[len(prefix):]) if k.startswith(prefix + self.EMBEDDER) and v else k] = sh
+        return out
+
+    def load_state_dict(self, state_dict: dict, strict: bool = True):
+        """Each chunk takes its keys (``vpp<v>/`` ones for its embedder); returns (missing, unexpected)."""
+        missing, used = [], set()
+        for v, chunk in enumerate(self.chunks):
+            mine = {}
+            for k in chunk.state_dict():
+                key = self._name(v, k)
+                if key in state_dict:
+                    mine[k] = state_dict[key]
+                    used.add(key)
+                else:
+                    missing.append(key)
+            chunk.load_state_dict(mine, strict=strict)
+        return missing, sorted(set(state_dict) - used)
 
 
 def loss_from_last_stage(loss: torch.Tensor, parallel) -> torch.Tensor:
@@ -245,10 +303,13 @@ def loss_from_last_stage(loss: torch.Tensor, parallel) -> torch.Tensor:
     return loss
 
 
-def pipeline_problems(cfg: SUVConfig, parallel_cfg) -> list[str]:
+def pipeline_problems(cfg: SUVConfig, parallel_cfg, num_microbatches: int | None = None) -> list[str]:
     """What makes a pipeline layout unusable for this model, one message each (empty at PP = 1)."""
     pp, vpp = parallel_cfg.pipeline_model_parallel_size, parallel_cfg.virtual_pipeline_model_parallel_size or 1
     problems = []
+    if vpp > 1 and num_microbatches is not None and num_microbatches % pp:
+        problems.append(f"--virtual-pipeline-model-parallel-size {vpp}: the interleaved schedule runs micro-batches "
+                        f"in groups of PP = {pp}; {num_microbatches} micro-batches per step is not a multiple")
     if pp * vpp > cfg.num_blocks:
         problems.append(f"--pipeline-model-parallel-size {pp} x virtual {vpp} = {pp * vpp} chunks: the SUV has only "
                         f"{cfg.num_blocks} blocks")
@@ -256,7 +317,32 @@ def pipeline_problems(cfg: SUVConfig, parallel_cfg) -> list[str]:
     if blocks is not None and sum(blocks) != cfg.num_blocks:
         problems.append(f"--pipeline-stage-blocks {','.join(map(str, blocks))} sums to {sum(blocks)}; the SUV has "
                         f"{cfg.num_blocks} blocks")
-    if vpp > 1:
-        problems.append(f"--virtual-pipeline-model-parallel-size {vpp}: the trainer runs one chunk per PP rank "
-                        "(interleaving is available to the model API, mm.distributed.pipeline)")
     return problems
+
+
+class MicroBatchFeed:
+    """Each micro-batch read once and handed (the same object) to every model chunk of this rank: the
+    interleaved schedule asks each chunk for its own data iterator and runs the chunks' forwards in its own
+    order."""
+
+    def __init__(self, source, num_chunks: int):
+        from collections import deque
+
+        self.source = source
+        self.queues = [deque() for _ in range(num_chunks)]
+
+    def _pull(self) -> None:
+        item = next(self.source)
+        for q in self.queues:
+            q.append(item)
+
+    def peek(self):
+        if not self.queues[0]:
+            self._pull()
+        return self.queues[0][0]
+
+    def iterator(self, chunk: int):
+        while True:
+            if not self.queues[chunk]:
+                self._pull()
+            yield self.queues[chunk].popleft()

@@ -102,7 +102,8 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
         assert sum(counts) - (tp - 1) * facts.replicated_params == facts.total_params, (counts, facts)
     else:  # the trainer's stage cuts (cost model or --pipeline-stage-blocks) and each stage's chunk
         thw, text_len = pipeline.data_latent_shape(data_cfg)
-        blocks = pipeline.resolve_stage_blocks(spec.suv_config(), pp, par.pipeline_stage_blocks, thw, text_len)
+        chunks = pp * (par.virtual_pipeline_model_parallel_size or 1)
+        blocks = pipeline.resolve_stage_blocks(spec.suv_config(), chunks, par.pipeline_stage_blocks, thw, text_len)
         stage_plan = pipeline.stage_plan_text(spec.suv_config(), blocks, pp, thw, text_len)
         stage_counts = [per_tp_rank_params(spec, tp, cp, sp, dtype, r) for r in pipeline.block_ranges(blocks)]
     layout, work = plan.Layout.of_run(run, world_size), plan.Workload.of_run(data_cfg, run)
@@ -126,7 +127,7 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
         lines.append(stage_plan)
         lines.append("per-rank parameters (rank = tp_rank + TP x (cp_rank + CP x (dp_rank + DP x pp_rank))):")
         for stage, counts in enumerate(stage_counts):
-            lines.append(f"  PP stage {stage}: " + ", ".join(f"TP rank {r} {n:,}" for r, n in enumerate(counts)))
+            lines.append(f"  stage {stage} (PP rank {stage % pp}): " + ", ".join(f"TP rank {r} {n:,}" for r, n in enumerate(counts)))
     if pp > 1:
         lines.append("per-rank memory estimate: not available at PP > 1 (the planner, mm.tools.plan, does not model "
                      "pipeline stages yet)")

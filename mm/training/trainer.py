@@ -33,7 +33,7 @@ from mm.diffusion.flow_matching import dynamic_shift, flow_matching_loss, q_samp
 from mm.distributed.encoder_dp import EncoderDPFeatures
 from mm.distributed.init import ParallelState, init_parallel
 from mm.distributed import pipeline
-from mm.distributed.parallelize import apply_recompute, wrap_ddp
+from mm.distributed.parallelize import apply_recompute, wrap_ddp_chunks
 from mm.ops import current_backend
 from mm.training import checkpointing as ckpt
 from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
@@ -84,15 +84,15 @@ class Trainer:
                                         ck.load_optim and not ck.finetune)
         if problems:  # before anything is built
             raise ConfigErrors(problems)
-        pp_problems = pipeline.pipeline_problems(spec.suv_config(), run.parallel)
-        if pp_problems:
-            raise ConfigErrors(pp_problems)
         self.ps: ParallelState = init_parallel(run.parallel, run.backend.name)
         self.backend = current_backend()
         self.device = self.ps.device  # models, features, generators and collectives of this rank live here
         tr = run.training
         self.param_dtype = torch.bfloat16 if tr.bf16 else torch.float32
         self.num_microbatches = tr.num_microbatches(self.ps.dp_size)
+        pp_problems = pipeline.pipeline_problems(spec.suv_config(), run.parallel, self.num_microbatches)
+        if pp_problems:
+            raise ConfigErrors(pp_problems)
         self.group_size = self.ps.tp_size * self.ps.cp_size
         if run.parallel.encoder_data_parallel and self.num_microbatches % self.group_size:
             raise ValueError(f"encoder data parallelism needs num_microbatches ({self.num_microbatches}) divisible "
@@ -111,17 +111,21 @@ class Trainer:
 
         # the denoiser: TP layout from the parallel state, recompute, DDP, optimizer with EMA
         ckpt_path = spec.predictor_checkpoint if spec.predictor_checkpoint else None
-        # PP: this rank's chunk of the U (stage cuts from the cost model or --pipeline-stage-blocks)
+        # PP: this rank's chunks of the U (one, or one per virtual stage; cuts from the cost model or
+        # --pipeline-stage-blocks). self.model: the chunk, or the chunks seen as one model (checkpoints, EMA)
         chunk_kwargs, self.pipeline_plan = pipeline.trainer_chunk_kwargs(spec.suv_config(), self.ps, run.parallel,
                                                                          data_cfg, tr.seed)
-        self.model = build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path, device=self.device,
-                               **chunk_kwargs)
-        pipeline.configure_pipeline([self.model], self.ps)  # before DDP: it reads the embedder's bucket tags
-        apply_recompute(self.model, tr.recompute_granularity,
-                        tr.selective_recompute_ffn_layers if tr.recompute_granularity == "selective"
-                        else tr.recompute_num_layers)
-        self.model.train()
-        self.ddp = wrap_ddp(self.model, use_distributed_optimizer=run.optimizer.use_distributed_optimizer)
+        self.chunks = [build_suv(spec, self.ps, self.param_dtype, checkpoint=ckpt_path, device=self.device, **kw)
+                       for kw in chunk_kwargs]
+        pipeline.configure_pipeline(self.chunks, self.ps, len(self.chunks))  # before DDP: embedder bucket tags
+        for chunk in self.chunks:
+            apply_recompute(chunk, tr.recompute_granularity,
+                            tr.selective_recompute_ffn_layers if tr.recompute_granularity == "selective"
+                            else tr.recompute_num_layers)
+            chunk.train()
+        self.model = self.chunks[0] if len(self.chunks) == 1 else pipeline.ChunkGroup(self.chunks)
+        self.ddps = wrap_ddp_chunks(self.chunks, use_distributed_optimizer=run.optimizer.use_distributed_optimizer)
+        self._drawn: dict = {}  # VPP: a micro-batch's sigma and noise until every chunk has run it
         self.optimizer = self._build_optimizer()
         self.scheduler = self._build_scheduler()
         self.clipper = AdaptiveGradClipper(decay=run.optimizer.clip_grad_ema_decay,
@@ -179,7 +183,7 @@ class Trainer:
             bf16=self.run.training.bf16, params_dtype=self.param_dtype,
             use_distributed_optimizer=o.use_distributed_optimizer,
         )
-        optimizer = make_ema_optimizer(get_megatron_optimizer(cfg, [self.ddp]), o.ema_decay)
+        optimizer = make_ema_optimizer(get_megatron_optimizer(cfg, self.ddps), o.ema_decay)
         self.optimizer_kind = fuse_inner_optimizers(optimizer, self.device)
         return optimizer
 
@@ -230,16 +234,28 @@ class Trainer:
         return (self.encoders(b) for b in batches)
 
     # ------------------------------------------------------------------------------------ one step
+    def _noise_once(self, feats: Features, z0: torch.Tensor):
+        """Sigma and noise of a micro-batch, drawn once however many model chunks of this rank run it (VPP)."""
+        drawn = self._drawn
+        if id(feats) not in drawn:
+            shift = dynamic_shift(z0.shape[-2], z0.shape[-1]) if self.spec.diffusion.use_dynamic_shifting else 1.0
+            drawn[id(feats)] = [q_sample(z0, shift=shift, generator=self.noise_generator,
+                                         sigma_min=self.spec.diffusion.sigma_eps,
+                                         sync_groups=(self.ps.tp_group, self.ps.cp_group)), len(self.chunks)]
+        entry = drawn[id(feats)]
+        entry[1] -= 1
+        if entry[1] == 0:
+            del drawn[id(feats)]
+        return entry[0]
+
     def forward_step(self, data_iterator, model):
         feats: Features = next(data_iterator)
         z0 = feats.latents.float()
-        shift = dynamic_shift(z0.shape[-2], z0.shape[-1]) if self.spec.diffusion.use_dynamic_shifting else 1.0
-        noised = q_sample(z0, shift=shift, generator=self.noise_generator, sigma_min=self.spec.diffusion.sigma_eps,
-                          sync_groups=(self.ps.tp_group, self.ps.cp_group))
+        noised = self._noise_once(feats, z0)
         dt = self.param_dtype
         # PP: every stage gets the same micro-batch (same sigma and noise: the noise stream is seeded per DP
         # rank); the first stage embeds it, the others take the received boundary tensor, the last one the loss
-        pred = pipeline.run_chunk(model, self.model, noised.x.to(dt), noised.timesteps, feats.text.to(dt),
+        pred = pipeline.run_chunk(model, model.module, noised.x.to(dt), noised.timesteps, feats.text.to(dt),
                                   feats.text_mask, feats.pooled.to(dt), feats.video_mask)
         target = velocity_target(z0, noised.eps)
         self._micro_samples += z0.shape[0]
@@ -259,12 +275,19 @@ class Trainer:
 
         t0 = time.time()
         self._micro_samples = 0
-        self.ddp.zero_grad_buffer()
+        for ddp in self.ddps:
+            ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
+        feed = pipeline.MicroBatchFeed(features, len(self.chunks))  # VPP: every chunk runs every micro-batch
+        seq_length = 0  # only the interleaved schedule reads it: its one boundary shape
+        if len(self.chunks) > 1:
+            feats = feed.peek()
+            seq_length = pipeline.schedule_seq_length(self.chunks[0], feats.latents, feats.text.shape[1])
+        iterators = [feed.iterator(v) for v in range(len(self.chunks))]
         losses = get_forward_backward_func()(
-            forward_step_func=self.forward_step, data_iterator=features, model=[self.ddp],
-            num_microbatches=self.num_microbatches, seq_length=0, micro_batch_size=self.run.training.micro_batch_size,
-            forward_only=False,
+            forward_step_func=self.forward_step, data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.ddps, num_microbatches=self.num_microbatches, seq_length=seq_length,
+            micro_batch_size=self.run.training.micro_batch_size, forward_only=False,
         )
         self._beat("the optimizer step (grad-norm all-reduce over the model-parallel group, distributed-optimizer "
                    "all-gather over DP)")

@@ -37,7 +37,7 @@ def _train(rank, world, ws, par: dict, iters: int, gbs: int, save=None, load=Non
     t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
     if distopt and t.ps.pp_size > 1:  # each replicated embedder parameter alone in its bucket: same DP shards
         embedder = set(t.model.time_text_embed.parameters())  # on every stage, whatever else the stage holds
-        for buffer in t.ddp.buffers:
+        for buffer in t.ddps[0].buffers:
             for bucket in buffer.buckets:
                 assert not embedder & set(bucket.params) or len(bucket.params) == 1, bucket.params
     return [(r.loss, r.grad_norm) for r in t.train()]
@@ -111,3 +111,17 @@ def test_torchrun_pp2_logs_the_pp1_losses(ws, reference, tmp_path):
     with open(save / "train_log.jsonl") as f:
         logged = [json.loads(line)["loss"] for line in f]
     assert _close(logged, [loss for loss, _ in reference]), (logged, reference)
+
+
+def test_pp2_vpp2_trains_like_pp1_and_its_checkpoint_resumes_at_pp1(ws, reference, tmp_path):
+    """Interleaved 1F1B (2 chunks per rank, one noise draw per micro-batch shared by the chunks); the
+    checkpoint of the chunk group (one key space, the embedder copies as replicas) resumes at PP = 1."""
+    ckpt = str(tmp_path / "vpp")
+    par = {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 2}
+    runs = run_distributed(_train, 2, args=(ws, par, 2, 4, ckpt), timeout=240)
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*reference)
+    assert _close(losses, ref_losses[:2]) and _close(norms, ref_norms[:2]), (runs[0], reference)
+    resumed = run_distributed(_train, 2, args=(ws, {"tensor_model_parallel_size": 2}, ITERS, 4, None, ckpt),
+                              timeout=240)[0]
+    assert len(resumed) == 1 and _close([resumed[0][0]], [ref_losses[2]]), (resumed, ref_losses)

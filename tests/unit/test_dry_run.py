@@ -55,13 +55,16 @@ def test_dry_run_at_pp4_prints_the_stage_cuts_and_per_stage_parameters(video4_fl
     # 121x576x1024: the dense outer blocks cost more, so the cost model gives the outer stages fewer blocks
     assert "stage 0 (PP rank 0, chunk 0): blocks 0-5 (6), receives 0 skips" in out
     assert "stage 3 (PP rank 3, chunk 0): blocks 26-31 (6), receives 2 skips" in out
-    assert out.count("PP stage ") == 4 and "not available at PP > 1" in out
+    assert out.count(": TP rank 0 ") == 4 and "not available at PP > 1" in out
     code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
                                            "--pipeline-stage-blocks", "8,8,8,7"])
     assert code == 2 and "--pipeline-stage-blocks 8,8,8,7 sums to 31; the SUV has 32 blocks" in err
     code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
                                            "--virtual-pipeline-model-parallel-size", "2"])
-    assert code == 2 and "the trainer runs one chunk per PP rank" in err
+    assert code == 0 and "stage 7 (PP rank 3, chunk 1)" in out and out.count(": TP rank 0 ") == 8, err
+    code, out, err = _main(video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4",
+                                           "--virtual-pipeline-model-parallel-size", "2", "--global-batch-size", "192"])
+    assert code == 2 and "3 micro-batches per step is not a multiple" in err, err
 
 
 def test_world_size_goes_with_dry_run(video4_flags):
