@@ -198,7 +198,7 @@ class SparseUMMDiT(nn.Module):
         seeded = self._init_stream
         if self.pre_process:
             with seeded(1):
-                self.patch_embed = PatchEmbed(cfg.in_channels, D, p, dtype=dtype)
+                self.patch_embed = PatchEmbed(cfg.patch_in_channels, D, p, dtype=dtype)
         with seeded(2):
             self.time_text_embed = TimestepTextEmbedding(Dt, cfg.pooled_projection_dim, dtype=dtype)
         if self.pre_process:
@@ -312,6 +312,9 @@ class SparseUMMDiT(nn.Module):
         cfg, tp = self.suv_config, self.tp
         if latents.dim() != 5:
             raise ValueError(f"latents must be (B, C, t, h, w), got shape {tuple(latents.shape)}")
+        if latents.shape[1] != cfg.patch_in_channels:
+            raise ValueError(f"latents have {latents.shape[1]} channels, the model takes {cfg.patch_in_channels} "
+                             "(I2V: noisy + conditioning latents + mask, mm.models.conditioning)")
         if text_hidden.dim() == 4:
             text_hidden = text_hidden.squeeze(1)
         if text_mask.dim() == 3:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mm.config import check, check_choice, check_positive
+from mm.models.conditioning import I2VConditioning
 
 ACTIVATIONS = ("gelu-approximate", "gelu")
 
@@ -23,7 +24,7 @@ _UPSTREAM_KEYS = (
     "timestep_embed_dim", "caption_channels", "pooled_projection_dim", "skip_connection",
     "skip_connection_zero_init", "dropout", "attention_bias", "patch_size", "patch_size_t", "activation_fn",
     "norm_elementwise_affine", "norm_eps", "interpolation_scale_t", "interpolation_scale_h",
-    "interpolation_scale_w",
+    "interpolation_scale_w", "conditioning",
 )
 # Accepted and ignored: where the weights come from is the caller's business (``from_upstream(checkpoint=)``).
 _IGNORED_UPSTREAM_KEYS = ("from_pretrained",)
@@ -60,8 +61,11 @@ class SUVConfig:
     interpolation_scale_t: float = 1.0
     interpolation_scale_h: float = 1.0
     interpolation_scale_w: float = 1.0
+    # None: text-to-video; I2VConditioning: [noisy ; masked cond latents ; mask] input (mm.models.conditioning)
+    conditioning: I2VConditioning | None = None
 
     def __post_init__(self):
+        self.conditioning = I2VConditioning.parse(self.conditioning)
         self.num_layers = list(self.num_layers)
         self.sparse_n = list(self.sparse_n)
         n = self.num_layers
@@ -93,6 +97,12 @@ class SUVConfig:
     @property
     def hidden_size(self) -> int:
         return self.num_heads * self.head_dim
+
+    @property
+    def patch_in_channels(self) -> int:
+        """Channels the patch embedding takes (``in_channels``, or the I2V layout's ``2C + ft``)."""
+        c = self.in_channels
+        return c if self.conditioning is None else self.conditioning.input_channels(c)
 
     @property
     def num_stages(self) -> int:
@@ -138,7 +148,10 @@ class SUVConfig:
 
     def to_upstream(self) -> dict[str, Any]:
         """The predictor dict (round-trips through ``from_upstream``)."""
-        return {"model_id": "SparseUMMDiT", **dataclasses.asdict(self)}
+        out = {"model_id": "SparseUMMDiT", **dataclasses.asdict(self)}
+        if self.conditioning is None:  # a T2V dict stays the upstream one
+            del out["conditioning"]
+        return out
 
 
 def released_suv_config() -> SUVConfig:
