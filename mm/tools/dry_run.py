@@ -109,9 +109,8 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
     layout, work = plan.Layout.of_run(run, world_size), plan.Workload.of_run(data_cfg, run)
     rc, layers = layout.recompute, layout.recompute_layers
     any_device = plan.DEVICES["h100"]  # the memory estimate does not depend on the device
-    if pp == 1:
-        est = plan.estimate(facts, layout, work, any_device, world_size)
-        mem, peak = est.memory, plan.peak_bytes(est.memory)
+    est = plan.estimate(facts, layout, work, any_device, world_size)
+    mem, peak = est.memory, plan.peak_bytes(est.memory)
     lines = [
         f"dry run: world {world_size} = TP {tp} x PP {pp} x CP {cp} x DP {dp}; sequence parallel {sp}; "
         f"micro-batch {tr.micro_batch_size} x DP {dp} x {tr.num_microbatches(dp)} micro-batches = global batch "
@@ -128,17 +127,16 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
         lines.append("per-rank parameters (rank = tp_rank + TP x (cp_rank + CP x (dp_rank + DP x pp_rank))):")
         for stage, counts in enumerate(stage_counts):
             lines.append(f"  stage {stage} (PP rank {stage % pp}): " + ", ".join(f"TP rank {r} {n:,}" for r, n in enumerate(counts)))
-    if pp > 1:
-        lines.append("per-rank memory estimate: not available at PP > 1 (the planner, mm.tools.plan, does not model "
-                     "pipeline stages yet)")
-    else:
-        lines.append(f"per-rank memory estimate (mm.tools.plan) for {data_cfg.num_frames}x{data_cfg.max_height}x"
-                     f"{data_cfg.max_width} clips, {work.video_tokens(facts)} video + {work.text_len} text tokens:")
-        lines.append("  " + ", ".join(f"{k} {v / plan.GB:.2f} GB" for k, v in mem.items())
-                     + f"; peak {peak / plan.GB:.2f} GB")
-        fits = [f"{d.name} {'fits' if peak <= d.memory_gb * (1 - plan.HEADROOM) * plan.GB else 'does NOT fit'}"
-                for d in plan.DEVICES.values()]
-        lines.append("  " + "; ".join(fits))
+    lines.append(f"per-rank memory estimate (mm.tools.plan) for {data_cfg.num_frames}x{data_cfg.max_height}x"
+                 f"{data_cfg.max_width} clips, {work.video_tokens(facts)} video + {work.text_len} text tokens"
+                 + (" (the fullest pipeline stage of the planner's cost-model cut, one chunk per rank)" if pp > 1
+                    else "") + ":")
+    lines.append("  " + ", ".join(f"{k} {v / plan.GB:.2f} GB" for k, v in mem.items()) + f"; peak {peak / plan.GB:.2f} GB")
+    if est.stage_peaks:
+        lines.append("  peak per stage: " + ", ".join(f"{b / plan.GB:.2f} GB" for b in est.stage_peaks))
+    fits = [f"{d.name} {'fits' if peak <= d.memory_gb * (1 - plan.HEADROOM) * plan.GB else 'does NOT fit'}"
+            for d in plan.DEVICES.values()]
+    lines.append("  " + "; ".join(fits))
     for note in facts.frozen_notes:
         lines.append(f"  note: {note}")
     lines.append("configuration valid; no data read, no device touched")
