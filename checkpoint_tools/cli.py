@@ -356,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", dest="ema", action="store_false", help="compare the raw weights")
     d.add_argument("--all", action="store_true", help="compare every tensor group (weights, EMA, optimizer state)")
     d.add_argument("--show", type=int, default=10, help="how many of the worst tensors to print")
+    i = sub.add_parser("to-i2v", help="T2V checkpoint -> I2V layout (zero-initialised conditioning channels)",
+                       description="Widen patch_embed to [noisy ; masked cond latents ; mask] input channels "
+                                   "(new channels zero: the result starts as the T2V model) and write a released "
+                                   "flat file; see checkpoint_tools.i2v.")
+    i.add_argument("--load", required=True, help="T2V checkpoint (any layout; detected)")
+    i.add_argument("--save", required=True, help="target .pt or .safetensors file")
+    i.add_argument("--mask-channels", type=int, default=8, help="the VAE's temporal compression (8 for WFVAE)")
+    ie = i.add_mutually_exclusive_group()
+    ie.add_argument("--ema", dest="ema", action="store_true", default=None, help="convert the EMA weights")
+    ie.add_argument("--raw", dest="ema", action="store_false", help="convert the raw weights")
     v = sub.add_parser("verify", help="check a checkpoint directory against its manifest (sizes, SHA-256)",
                        description="Check every file of a checkpoint directory against its manifest.json.")
     v.add_argument("path")
@@ -394,6 +404,13 @@ def main(argv=None) -> int:
             print("\n".join(lines))
             print(f"peak RSS {peak_rss_mib():,.0f} MiB")
             return 0 if equal else 1
+        if args.command == "to-i2v":
+            from checkpoint_tools.i2v import t2v_to_i2v
+
+            r = t2v_to_i2v(args.load, args.save, mask_channels=args.mask_channels, ema=args.ema)
+            print(f"converted the {r['group']} weights to the I2V layout: {r['tensors']} tensors, patch_embed takes "
+                  f"{r['in_channels']} channels, written to {r['save']}")
+            return 0
         problems = verify(args.path)
         for line in problems:
             print(line)

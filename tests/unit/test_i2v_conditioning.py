@@ -137,3 +137,23 @@ def test_draw_modes_rates():
     again = draw_modes(2000, I2VConditioning(rates={"first": 0.7, "transition": 0.3}).rates,
                        torch.Generator().manual_seed(0))
     assert modes == again
+
+
+def test_checkpoint_tools_to_i2v(tmp_path, capsys):
+    from checkpoint_tools.cli import main
+    from mm.models.sparse_ummdit import load_upstream_checkpoint
+
+    t2v = SparseUMMDiT(tiny_config()).eval()
+    state = random_state_dict(t2v, seed=5)
+    torch.save(state, tmp_path / "t2v.pt")
+    assert main(["to-i2v", "--load", str(tmp_path / "t2v.pt"), "--save", str(tmp_path / "i2v.pt")]) == 0
+    cfg = i2v_config()
+    converted = load_upstream_checkpoint(tmp_path / "i2v.pt")
+    assert converted.keys() == state.keys()
+    assert torch.equal(converted["patch_embed.proj.weight"], t2v_to_i2v(state, cfg)["patch_embed.proj.weight"])
+    assert all(torch.equal(converted[k], v) for k, v in state.items() if k != "patch_embed.proj.weight")
+    i2v = SparseUMMDiT(cfg).eval()
+    i2v.load_state_dict(converted)
+    # converting an I2V checkpoint again is refused with one error line, exit 2
+    assert main(["to-i2v", "--load", str(tmp_path / "i2v.pt"), "--save", str(tmp_path / "again.pt")]) == 2
+    assert "already an I2V checkpoint" in capsys.readouterr().err
