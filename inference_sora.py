@@ -2,12 +2,14 @@
 
 parse + validate -> select backend -> init distributed -> build -> generate -> tear down.
 The logic lives in ``mm/inference/`` (``cli.py`` flags, ``pipeline.py`` sampling, ``runner.py`` outputs).
-Exit code 2: bad arguments or inputs, reported before anything is built.
+Exit code 2: bad arguments or inputs, reported before anything is built. Exit code 0 at once when every
+requested sample (and the grid) already exists.
 """
 
+import os
 import sys
 
-from mm.inference.cli import parse_request, run, setup_logging
+from mm.inference.cli import nothing_to_do, parse_request, run, setup_logging
 
 
 def main(argv=None) -> int:
@@ -16,6 +18,12 @@ def main(argv=None) -> int:
     except ValueError as err:
         print(f"inference_sora.py: error: {err}", file=sys.stderr)
         return 2
+
+    if nothing_to_do(request):  # a file check on every rank: no process group, no model
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"inference_sora.py: every requested output already exists in {request.output.save_path}; "
+                  "nothing to do", file=sys.stderr)
+        return 0
 
     from mm.ops import BackendUnavailableError, select_backend
 

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mm.config import BackendConfig, ParallelConfig
+from mm.config import CP_ALGOS, BackendConfig, ParallelConfig
 from mm.config_upstream import InferenceSpec, TextEncoderPaths, load_inference_json
 from mm.inference.pipeline import SamplingConfig
 from mm.inference.prompts import resolve_prompts
@@ -29,11 +29,15 @@ logger = logging.getLogger(__name__)
 DESCRIPTION = """\
 Generate videos with Open-Sora Plan v1.5 (SUV + WFVAE + T5/CLIP), batch mode, under torchrun.
 
-Prompts are split over data-parallel replicas (world size / TP); each replica runs the DiT with tensor
-parallelism (+ sequence parallelism); the first rank of each replica writes <index>_<slug>.mp4 (PNG for
---num-frames 1) and a JSON sidecar with every setting needed to reproduce the sample. Prompt i is sampled
-from noise seeded with --seed + i, so outputs do not depend on the number of GPUs. Samples whose media
-file and sidecar both exist are skipped: re-running an interrupted command resumes it.
+Prompts are split over data-parallel replicas of CFG x TP x CP ranks (CFG = 2 with --cfg-parallel, else 1);
+each replica runs the DiT with tensor parallelism (+ sequence parallelism), context parallelism and, with
+--cfg-parallel, the two guidance branches on two ranks; the first rank of each replica writes
+<index>_<slug>.mp4 (PNG for --num-frames 1) and a JSON sidecar with every setting needed to reproduce the
+sample, and global rank 0 writes video_grid.mp4 of all samples at the end. Prompt i is sampled from noise
+seeded with --seed + i, so outputs do not depend on the number of GPUs (bitwise across DP sizes; across
+TP/CP/CFG layouts within float rounding, see the README). Samples whose media file and sidecar both exist
+are skipped: re-running an interrupted command resumes it, and when every output exists it stops before
+loading any model.
 
 Settings come from the upstream inference JSON (--mm-model); the flags below override it."""
 
@@ -82,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=int, metavar="B",
                    help="prompts per DiT forward on each replica (default: the JSON's micro_batch_size)")
     g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--no-grid", action="store_true",
+                   help="do not write video_grid.mp4 (video_grid.png for images) of all samples")
 
     g = p.add_argument_group("weights (one DiT source: --load or --upstream-dit or predictor.from_pretrained)")
     x = g.add_mutually_exclusive_group()
@@ -104,6 +110,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1, metavar="TP",
                    help="DiT tensor-parallel size; divides the world size and the number of heads (default 1)")
     g.add_argument("--sequence-parallel", action="store_true", help="megatron sequence parallel over the TP group")
+    g.add_argument("--context-parallel-size", type=int, default=1, metavar="CP",
+                   help="DiT context-parallel size: the video and text tokens split over CP ranks (default 1)")
+    g.add_argument("--context-parallel-algo", choices=CP_ALGOS, default="ulysses_cp_algo",
+                   help="ulysses_cp_algo (heads all-to-all; TP x CP divides the heads), megatron_cp_algo (ring "
+                        "attention), hybrid_cp_algo (Ulysses x ring, --ulysses-degree-in-cp) (default ulysses)")
+    g.add_argument("--ulysses-degree-in-cp", type=int, default=None, metavar="U",
+                   help="hybrid_cp_algo: the Ulysses part of CP (a divisor of CP; the ring is CP / U)")
+    g.add_argument("--cfg-parallel", action="store_true",
+                   help="run the unconditional and conditional branches on two ranks (one velocity exchange "
+                        "per step); needs --guidance-scale > 1 and a world size divisible by 2 x TP x CP")
     g.add_argument("--backend", choices=["auto", "cpu", "cuda", "npu"], default=None,
                    help="kernel/device backend (default $MM_BACKEND or auto)")
     g.add_argument("--distributed-timeout-minutes", type=float, default=30.0, metavar="MIN",
@@ -115,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spatial-tile-size", type=int, default=256, metavar="PX", help="tile size in pixels (default 256)")
     g.add_argument("--spatial-tile-overlap", type=int, default=64, metavar="PX",
                    help="tile overlap in pixels (default 64)")
+    g.add_argument("--parallel-vae-decode", action="store_true",
+                   help="with --spatial-tiling: spread the tiles over the ranks of the replica (output equal to the "
+                        "one-rank tiled decode); per rank the decoder's tiled part holds ceil(tiles / ranks) "
+                        "tiles' activations instead of all, plus one decoded chunk of full frames")
     return p
 
 
@@ -132,6 +152,8 @@ class InferenceRequest:
     use_ema: bool
     dtype: str
     argv: list[str]
+    cfg_parallel: bool = False
+    parallel_vae_decode: bool = False
 
     def metadata(self) -> dict:
         """Extra sidecar fields: the JSON and the command line."""
@@ -163,14 +185,23 @@ def parse_request(argv: list[str] | None = None, world_size: int | None = None) 
         batch_size=args.batch_size if args.batch_size is not None else spec.micro_batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        grid=not args.no_grid,
     )
     tp = args.tensor_model_parallel_size
-    parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=args.sequence_parallel and tp > 1,
-                              distributed_timeout_minutes=args.distributed_timeout_minutes)
+    try:
+        parallel = ParallelConfig(tensor_model_parallel_size=tp, sequence_parallel=args.sequence_parallel and tp > 1,
+                                  context_parallel_size=args.context_parallel_size,
+                                  context_parallel_algo=args.context_parallel_algo,
+                                  ulysses_degree_in_cp=args.ulysses_degree_in_cp,
+                                  distributed_timeout_minutes=args.distributed_timeout_minutes)
+    except ValueError as err:
+        raise ValueError(f"parallel layout: {err}") from None
     _check_model(spec, sampling, parallel, world_size)
+    _check_inference_layout(args, sampling, parallel, world_size)
     backend = BackendConfig(args.backend or os.environ.get("MM_BACKEND", "auto")).name
     return InferenceRequest(spec=spec, prompts=prompts, sampling=sampling, output=output, parallel=parallel,
-                            backend=backend, load=args.load, use_ema=args.use_ema, dtype=spec.weight_dtype, argv=argv)
+                            backend=backend, load=args.load, use_ema=args.use_ema, dtype=spec.weight_dtype, argv=argv,
+                            cfg_parallel=args.cfg_parallel, parallel_vae_decode=args.parallel_vae_decode)
 
 
 def _apply_overrides(spec: InferenceSpec, args) -> InferenceSpec:
@@ -251,21 +282,47 @@ def _check_model(spec: InferenceSpec, sampling: SamplingConfig, parallel: Parall
     if clip_dim is not None and clip_dim != suv.pooled_projection_dim:
         raise ValueError(f"CLIP projection_dim {clip_dim} ({spec.text.clip}) != predictor pooled_projection_dim "
                          f"{suv.pooled_projection_dim}")
-    tp = parallel.tensor_model_parallel_size
+    tp, cp = parallel.tensor_model_parallel_size, parallel.context_parallel_size
     suv.validate_tp(tp)
-    if world_size % tp:
-        raise ValueError(f"--tensor-model-parallel-size {tp} does not divide the world size {world_size} "
-                         f"(torchrun --nproc_per_node x nodes)")
-    if parallel.sequence_parallel:
-        t, h, w = sampling.latent_grid()
-        p = suv.patch_size
-        if h % p or w % p:
-            raise ValueError(f"latent size {h}x{w} must be divisible by the patch size {p}")
+    heads_split = tp * parallel.ulysses_size  # ring CP splits no heads
+    if suv.num_heads % heads_split:
+        raise ValueError(f"--tensor-model-parallel-size {tp} x Ulysses degree {parallel.ulysses_size} "
+                         f"({parallel.context_parallel_algo}) = {heads_split} does not divide the model's "
+                         f"{suv.num_heads} attention heads; ring context parallelism (--context-parallel-algo "
+                         "megatron_cp_algo) splits no heads")
+    if world_size % (tp * cp):
+        raise ValueError(f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} does not divide the world "
+                         f"size {world_size} (torchrun --nproc_per_node x nodes)")
+    t, h, w = sampling.latent_grid()
+    p = suv.patch_size
+    if (parallel.sequence_parallel or cp > 1) and (h % p or w % p):
+        raise ValueError(f"latent size {h}x{w} must be divisible by the patch size {p}")
+    if parallel.sequence_parallel and cp == 1:
         video_tokens, text_tokens = t * (h // p) * (w // p), spec.text.t5_max_length
         if video_tokens % tp or text_tokens % tp:
             raise ValueError(f"--sequence-parallel needs the video tokens ({video_tokens} for {sampling.num_frames}x"
                              f"{sampling.height}x{sampling.width}) and the text tokens ({text_tokens}) divisible by "
                              f"the TP size {tp}")
+
+
+def _check_inference_layout(args, sampling: SamplingConfig, parallel: ParallelConfig, world_size: int) -> None:
+    """CFG parallelism and parallel VAE decode against the sampler settings and the world size."""
+    replica = parallel.tensor_model_parallel_size * parallel.context_parallel_size * (2 if args.cfg_parallel else 1)
+    if args.cfg_parallel:
+        if not sampling.use_cfg:
+            raise ValueError(f"--cfg-parallel needs classifier-free guidance, but the guidance scale is "
+                             f"{sampling.guidance_scale} (1 = no CFG, one branch only); drop --cfg-parallel or pass "
+                             "--guidance-scale > 1")
+        if world_size % replica:
+            raise ValueError(f"--cfg-parallel: a replica is 2 x TP {parallel.tensor_model_parallel_size} x CP "
+                             f"{parallel.context_parallel_size} = {replica} ranks, which does not divide the world "
+                             f"size {world_size}")
+    if args.parallel_vae_decode:
+        if not args.spatial_tiling:
+            raise ValueError("--parallel-vae-decode spreads spatial tiles over ranks: it needs --spatial-tiling")
+        if replica == 1:
+            raise ValueError("--parallel-vae-decode needs a replica of 2 or more ranks (TP, CP or --cfg-parallel); "
+                             "with one rank per replica every rank already decodes its own samples")
 
 
 def setup_logging() -> None:
@@ -275,15 +332,27 @@ def setup_logging() -> None:
     setup()
 
 
+def nothing_to_do(request: InferenceRequest) -> bool:
+    """Every requested output exists already (checked before anything is built or loaded)."""
+    from mm.inference.runner import nothing_to_do as done
+
+    return done(request.prompts, request.sampling, request.output)
+
+
 def run(request: InferenceRequest, parallel=None):
     """Build the pipeline on this rank and generate its replica's share (collective over all ranks)."""
+    from mm.distributed.cfg_parallel import init_replicas
+    from mm.distributed.parallel_decode import apply_parallel_decode
     from mm.inference.pipeline import OpenSoraPlanPipeline
     from mm.inference.runner import generate_videos
 
+    replicas = init_replicas(parallel, request.cfg_parallel)
     pipeline = OpenSoraPlanPipeline.from_spec(request.spec, parallel=parallel, load=request.load,
-                                              use_ema=request.use_ema, dtype=request.dtype)
+                                              use_ema=request.use_ema, dtype=request.dtype, replicas=replicas)
+    if request.parallel_vae_decode:
+        apply_parallel_decode(pipeline.vae, replicas)
     return generate_videos(pipeline, request.prompts, request.sampling, request.output, parallel,
                            extra_metadata=request.metadata())
 
 
-__all__ = ["InferenceRequest", "build_parser", "parse_request", "run", "setup_logging"]
+__all__ = ["InferenceRequest", "build_parser", "nothing_to_do", "parse_request", "run", "setup_logging"]

@@ -176,9 +176,12 @@ class OpenSoraPlanPipeline:
     """
 
     def __init__(self, dit, vae, t5, clip, *, parallel=None, device: torch.device | None = None,
-                 weights: dict | None = None):
+                 weights: dict | None = None, replicas=None):
         self.dit, self.vae, self.t5, self.clip = dit, vae, t5, clip
         self.parallel = parallel
+        # mm.distributed.cfg_parallel.ReplicaLayout (None: the DiT's TP x CP group is the replica); with
+        # cfg_size 2 this rank runs one CFG branch and exchanges velocities with its peer every step
+        self.replicas = replicas
         self.device = device if device is not None else torch.device("cpu")
         self.weights = weights or {}
         self._negative_cache: dict[str, TextConditioning] = {}
@@ -186,13 +189,15 @@ class OpenSoraPlanPipeline:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_spec(cls, spec: InferenceSpec, *, parallel=None, load: str | None = None, use_ema: bool = True,
-                  dtype: str | None = None, device: torch.device | str | None = None) -> "OpenSoraPlanPipeline":
+                  dtype: str | None = None, device: torch.device | str | None = None,
+                  replicas=None) -> "OpenSoraPlanPipeline":
         """Build every part from a parsed inference JSON.
 
         DiT weights: ``load`` = one of our training checkpoints (dist_checkpointing; its EMA weights unless
         ``use_ema=False``; needs ``init_parallel`` first, collective over all ranks), else the released flat
         state dict ``spec.predictor_checkpoint`` (this rank's TP slices are cut at load). VAE weights:
         ``spec.ae_checkpoint``. ``dtype``: DiT and text-encoder dtype (default ``spec.weight_dtype``).
+        ``replicas``: a ``mm.distributed.cfg_parallel.ReplicaLayout`` (CFG-parallel sampling).
         Raises ValueError when a weight source is missing.
         """
         from mm.builders import build_suv, build_text_encoders, build_vae, torch_dtype
@@ -222,7 +227,7 @@ class OpenSoraPlanPipeline:
         else:
             dit = build_suv(spec, parallel, params_dtype=torch_dtype(dtype), checkpoint=spec.predictor_checkpoint)
         dit = dit.to(device).eval().requires_grad_(False)
-        return cls(dit, vae, t5, clip, parallel=parallel, device=device, weights=weights)
+        return cls(dit, vae, t5, clip, parallel=parallel, device=device, weights=weights, replicas=replicas)
 
     # ------------------------------------------------------------------ stages
     @torch.no_grad()
@@ -254,24 +259,38 @@ class OpenSoraPlanPipeline:
 
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, uncond: TextConditioning, cond: TextConditioning, cfg: SamplingConfig,
-                callback: Callable[[int, int], None] | None = None) -> torch.Tensor:
+                callback: Callable[[int, int], None] | None = None, *,
+                condition: torch.Tensor | None = None) -> torch.Tensor:
         """Euler integration of the flow ODE from sigma 1 to 0 (spec §6.2); returns fp32 latents.
+
+        ``condition``: an I2V model's extra input channels ``[B, C + ft, t, h, w]`` (``mm.inference.i2v``),
+        appended to the noisy latents of both CFG branches at every step.
 
         Per step the DiT sees the batch ``[uncond; cond]`` (negative first) in its own dtype; its velocity
         comes back to fp32 for CFG + rescale and the Euler update. ``callback(step, num_steps)`` after
         each step.
+
+        CFG-parallel (``replicas.cfg_size == 2``): this rank runs only its branch (batch ``B``) and the two
+        velocities are all-gathered over the CFG pair once per step; the math after that is the same.
         """
         grid = cfg.sigmas(device=self.device)
         timesteps = sampler.timesteps(grid)
-        text = TextConditioning.cat(uncond, cond) if cfg.use_cfg else cond
+        split_cfg = self.replicas is not None and self.replicas.cfg_size == 2
+        if split_cfg:
+            assert cfg.use_cfg, "CFG parallelism needs guidance_scale > 1 (checked by the CLI)"
+            text = cond if self.replicas.cfg_rank else uncond
+        else:
+            text = TextConditioning.cat(uncond, cond) if cfg.use_cfg else cond
         x = noise.float()
         dtype = self.dit.params_dtype
         for i in range(cfg.num_inference_steps):
-            x_in = torch.cat([x, x]) if cfg.use_cfg else x  # [2B, C, t, h, w]
+            x_in = torch.cat([x, x]) if cfg.use_cfg and not split_cfg else x  # [2B or B, C, t, h, w]
+            if condition is not None:  # I2V: the same conditioning channels for both CFG branches
+                x_in = torch.cat([x_in, condition.repeat(x_in.shape[0] // condition.shape[0], 1, 1, 1, 1)], dim=1)
             t_in = timesteps[i].expand(x_in.shape[0])
             v = self.dit(x_in.to(dtype), t_in, text.hidden, text.mask, text.pooled).float()
             if cfg.use_cfg:
-                v_uncond, v_cond = v.chunk(2)
+                v_uncond, v_cond = self.replicas.branch_velocities(v) if split_cfg else v.chunk(2)
                 v = sampler.cfg(v_uncond, v_cond, cfg.guidance_scale, cfg.guidance_rescale)
             sampler.check_finite(v, i)
             x = sampler.euler_step(x, v, grid[i], grid[i + 1])
@@ -285,14 +304,18 @@ class OpenSoraPlanPipeline:
         return torch.cat([to_uint8(self.vae.decode(z[None])) for z in latents])
 
     def __call__(self, prompts: Sequence[str], cfg: SamplingConfig, seeds: Sequence[int], *, decode: bool = True,
-                 callback: Callable[[int, int], None] | None = None) -> GenerationOutput:
-        """Raw prompts (templating and cleaning are applied here) + one seed per prompt -> latents (+ videos)."""
+                 callback: Callable[[int, int], None] | None = None, images=None) -> GenerationOutput:
+        """Raw prompts (templating and cleaning are applied here) + one seed per prompt -> latents (+ videos).
+        ``images``: one ``mm.inference.i2v.ImageCondition`` per prompt (an I2V predictor; None: text only)."""
+        from mm.inference.i2v import pipeline_condition
+
         if isinstance(prompts, str):
             raise ValueError("prompts must be a list of strings, got a single str")
         if len(seeds) != len(prompts):
             raise ValueError(f"need one seed per prompt: {len(prompts)} prompts, {len(seeds)} seeds")
         uncond, cond = self.conditioning(prompts, cfg)
-        latents = self.denoise(self.initial_noise(seeds, cfg), uncond, cond, cfg, callback)
+        condition = pipeline_condition(self, images, len(prompts), cfg)
+        latents = self.denoise(self.initial_noise(seeds, cfg), uncond, cond, cfg, callback, condition=condition)
         return GenerationOutput(latents, self.decode(latents) if decode else None)
 
 

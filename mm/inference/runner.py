@@ -5,7 +5,8 @@ replica ``b % DP``; the noise of prompt ``i`` is seeded with ``seed + i`` (so a 
 its index and the settings, not on the number of GPUs); the first rank of each TP group (``tp_rank 0``)
 decodes and writes ``<index>_<slug>.mp4`` (``.png`` for one frame) and then ``<index>_<slug>.json``.
 A prompt whose media file and sidecar both exist is skipped, so re-running an interrupted job resumes it;
-that decision is taken by the writer and broadcast over the TP group, so the ranks of a replica agree.
+that decision is taken by the writer and broadcast over the replica, so its ranks agree. A replica is TP x CP
+ranks, x 2 with CFG parallelism (``mm.distributed.cfg_parallel``); its writer is its first rank.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import torch
 import torch.distributed as dist
 
 from mm.inference.pipeline import OpenSoraPlanPipeline, SamplingConfig
 from mm.inference.prompts import negative_text, output_stem, positive_text, shard
-from mm.inference.video_io import is_complete, media_path, sidecar_path, write_json, write_sample
+from mm.inference.video_io import (GRID_STEM, grid_frames, is_complete, media_path, read_video, sidecar_path,
+                                   write_json, write_sample)
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class OutputOptions:
     batch_size: int = 1
     seed: int = 1234  # prompt i uses seed + i
     progress: bool = True
+    grid: bool = True  # video_grid.mp4 (.png for images) of every sample of the run, written by global rank 0
 
     def __post_init__(self):
         for name in ("fps", "batch_size"):
@@ -57,20 +61,36 @@ class RunSummary:
     written: list[str] = field(default_factory=list)  # files written by this rank (writers only)
 
 
-def _layout(parallel) -> tuple[int, int, bool]:
-    """(dp_rank, dp_size, is_writer)."""
-    if parallel is None:
-        return 0, 1, True
-    return parallel.dp_rank, parallel.dp_size, parallel.tp_rank == 0 and parallel.cp_rank == 0
+def _stems(prompts: Sequence[str], out: OutputOptions) -> dict[int, Path]:
+    save = Path(out.save_path)
+    return {i: save / output_stem(i, prompts[i]) for i in range(len(prompts))}
 
 
-def _broadcast_from_writer(obj, parallel):
-    """The writer's (tp_rank 0) ``obj`` on every rank of its TP group (collective over the TP group)."""
-    if parallel is None or parallel.tp_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=dist.get_global_rank(parallel.tp_group, 0), group=parallel.tp_group)
-    return box[0]
+def grid_path(out: OutputOptions, num_frames: int) -> Path:
+    return media_path(Path(out.save_path) / GRID_STEM, num_frames)
+
+
+def nothing_to_do(prompts: Sequence[str], cfg: SamplingConfig, out: OutputOptions) -> bool:
+    """Every sample (media + sidecar) exists, and the grid too unless it is off: the run can stop before
+    building anything (a file check only, no process group)."""
+    done = all(is_complete(stem, cfg.num_frames) for stem in _stems(prompts, out).values())
+    return done and (not out.grid or grid_path(out, cfg.num_frames).is_file())
+
+
+def write_grid(prompts: Sequence[str], cfg: SamplingConfig, out: OutputOptions) -> Path:
+    """The run's grid, composed from the written samples in prompt order (read back from disk, so a resumed
+    run's grid holds every sample; the mp4 samples pass through H.264 twice)."""
+    samples = [read_video(media_path(stem, cfg.num_frames))[0] for stem in _stems(prompts, out).values()]
+    return write_sample(Path(out.save_path) / GRID_STEM, torch.from_numpy(grid_frames(samples)), out.fps)
+
+
+def _replicas(pipeline: OpenSoraPlanPipeline, parallel):
+    """The pipeline's replica layout, or the one of a plain TP x CP replica (collective on first use)."""
+    if pipeline.replicas is None:
+        from mm.distributed.cfg_parallel import init_replicas
+
+        pipeline.replicas = init_replicas(parallel)
+    return pipeline.replicas
 
 
 def sample_record(index: int, prompt: str, cfg: SamplingConfig, out: OutputOptions,
@@ -128,12 +148,14 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
     """Generate this replica's share of ``prompts`` into ``out.save_path`` (collective over the TP group)."""
     from tqdm import tqdm
 
-    dp_rank, dp_size, writer = _layout(parallel)
+    replicas = _replicas(pipeline, parallel)
+    dp_rank, dp_size, writer = replicas.dp_rank, replicas.dp_size, replicas.is_writer
+    decode = writer or pipeline.vae.tile_executor is not None  # parallel decode: every rank of the replica
     save = Path(out.save_path)
     if writer:
         save.mkdir(parents=True, exist_ok=True)
     summary = RunSummary()
-    stems = {i: save / output_stem(i, prompts[i]) for i in range(len(prompts))}
+    stems = _stems(prompts, out)
     plan = None
     if writer:
         plan = []
@@ -142,7 +164,7 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
             for i in done:
                 _warn_if_stale(stems[i], sample_record(i, prompts[i], cfg, out, pipeline, extra_metadata))
             plan.append(([i for i in batch if i not in done], done))
-    plan = _broadcast_from_writer(plan, parallel)
+    plan = replicas.broadcast_from_writer(plan)
     todo = [b for b, _ in plan if b]
     summary.skipped = [i for _, done in plan for i in done]
     if summary.skipped and writer:
@@ -153,7 +175,7 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
     num_todo = sum(map(len, todo))
     bar.set_postfix_str(f"samples 0/{num_todo}")
     for batch in todo:
-        result = pipeline([prompts[i] for i in batch], cfg, [out.seed + i for i in batch], decode=writer,
+        result = pipeline([prompts[i] for i in batch], cfg, [out.seed + i for i in batch], decode=decode,
                           callback=lambda step, total: bar.update(1))
         if writer:
             for j, i in enumerate(batch):
@@ -166,6 +188,11 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
         summary.generated += batch
         bar.set_postfix_str(f"samples {len(summary.generated)}/{num_todo}")
     bar.close()
+    if out.grid:
+        if parallel is not None and parallel.world_size > 1:
+            dist.barrier()  # every replica's samples are on disk (world group)
+        if parallel is None or parallel.rank == 0:
+            summary.written.append(str(write_grid(prompts, cfg, out)))
     if writer:
         logger.info("replica %d/%d: generated %d, skipped %d, outputs in %s", dp_rank + 1, dp_size,
                     len(summary.generated), len(summary.skipped), os.fspath(save))

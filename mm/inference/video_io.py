@@ -125,6 +125,29 @@ def is_complete(path_stem: str | os.PathLike, num_frames: int) -> bool:
     return media_path(path_stem, num_frames).is_file() and sidecar_path(path_stem).is_file()
 
 
+GRID_STEM = "video_grid"  # video_grid.mp4, or video_grid.png for one-frame samples (as upstream)
+
+
+def grid_frames(samples: list[np.ndarray], border: int = 1) -> np.ndarray:
+    """Samples of one size ``(T, H, W, 3)`` uint8 -> one ``(T, H', W', 3)`` grid: ``ceil(sqrt(n))`` columns in
+    sample order, ``border`` black pixels around every tile, padded by one black row / column where H.264
+    needs an even size."""
+    if not samples:
+        raise ValueError("a grid needs at least one sample")
+    shape = samples[0].shape
+    if any(s.shape != shape for s in samples):
+        raise ValueError(f"grid samples must share one shape, got {sorted({s.shape for s in samples})}")
+    t, h, w, _ = shape
+    cols = int(np.ceil(np.sqrt(len(samples))))
+    rows = -(-len(samples) // cols)
+    height, width = rows * (h + border) + border, cols * (w + border) + border
+    grid = np.zeros((t, height + height % 2, width + width % 2, 3), dtype=np.uint8)
+    for k, s in enumerate(samples):
+        top, left = border + (k // cols) * (h + border), border + (k % cols) * (w + border)
+        grid[:, top: top + h, left: left + w] = s
+    return grid
+
+
 def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     """Decode an mp4 (or a PNG) -> (uint8 frames ``(T, H, W, 3)``, fps; 0 for an image)."""
     path = Path(path)
@@ -143,5 +166,5 @@ def read_video(path: str | os.PathLike) -> tuple[np.ndarray, float]:
 
 __all__ = [
     "to_uint8", "write_mp4", "write_png", "write_sample", "write_json", "media_path", "sidecar_path",
-    "is_complete", "read_video", "DEFAULT_CRF",
+    "is_complete", "read_video", "grid_frames", "GRID_STEM", "DEFAULT_CRF",
 ]

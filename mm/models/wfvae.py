@@ -295,6 +295,9 @@ class WFVAE(nn.Module):
         self._reset_latent_stats()
         self.use_tiling = config.use_tiling
         self.use_spatial_tiling = config.use_spatial_tiling
+        # who runs a decode chunk's spatial tiles: None = this process, every tile in order; else a callable
+        # (num_tiles, run_tile(k) -> output, blend(outputs in tile order) -> chunk) -> chunk
+        self.tile_executor = None
         self.to(config.torch_dtype)
 
     def _reset_latent_stats(self, device: torch.device | None = None) -> None:
@@ -458,12 +461,21 @@ class WFVAE(nn.Module):
             if not tiles:
                 chunk = self.decoder.forward_local(h, l2, streams[0])
             else:
-                blender = TileBlender(height, width, self._latent_overlap, SCALE_FACTOR[1])
-                for tile, stream in zip(tiles, streams[1:]):
-                    h_tile = h[(..., *tile.slices(1))]
-                    l2_tile = l2[(..., *tile.slices(2))]  # the level-2 band is at 2x latent resolution
-                    blender.add(tile, self.decoder.forward_local(h_tile, l2_tile, stream))
-                chunk = blender.result()
+                def run_tile(k: int) -> torch.Tensor:
+                    tile = tiles[k]  # the level-2 band is at 2x latent resolution
+                    return self.decoder.forward_local(h[(..., *tile.slices(1))], l2[(..., *tile.slices(2))],
+                                                      streams[1 + k])
+
+                def blend(outputs) -> torch.Tensor:  # outputs: an iterable in tile order (consumed lazily)
+                    blender = TileBlender(height, width, self._latent_overlap, SCALE_FACTOR[1])
+                    for tile, y in zip(tiles, outputs):
+                        blender.add(tile, y)
+                    return blender.result()
+
+                if self.tile_executor is None:
+                    chunk = blend(run_tile(k) for k in range(len(tiles)))
+                else:  # e.g. tiles spread over ranks (mm.distributed.parallel_decode)
+                    chunk = self.tile_executor(len(tiles), run_tile, blend)
             if out is None:
                 assert chunk.shape[2] == frames, (chunk.shape, frames)
                 return chunk
