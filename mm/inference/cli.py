@@ -21,6 +21,7 @@ from pathlib import Path
 from mm.config import CP_ALGOS, BackendConfig, ParallelConfig
 from mm.config_upstream import InferenceSpec, TextEncoderPaths, load_inference_json
 from mm.inference.pipeline import SamplingConfig
+from mm.inference.i2v import check_request, split_prompt_images
 from mm.inference.prompts import resolve_prompts
 from mm.inference.runner import OutputOptions
 
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--prompt", metavar="TEXT", help="one prompt (overrides the JSON's \"prompt\")")
     x.add_argument("--prompt-file", metavar="PATH",
                    help="text file, one prompt per line; blank lines and lines starting with # are ignored")
+    g.add_argument("--image", metavar="PATH", help="image-to-video: condition every prompt on this first frame "
+                   "(an I2V predictor; a prompt file line 'prompt<TAB>image[<TAB>last_image]' sets it per prompt)")
+    g.add_argument("--last-image", metavar="PATH", help="with --image: transition from --image to this last frame")
     g.add_argument("--negative-prompt", default="", metavar="TEXT",
                    help="appended to the built-in v1.5 negative prompt (default: nothing appended)")
 
@@ -155,6 +159,8 @@ class InferenceRequest:
     cfg_parallel: bool = False
     parallel_vae_decode: bool = False
 
+    images: list | None = None  # one mm.inference.i2v.ImageCondition per prompt, None: text only
+
     def metadata(self) -> dict:
         """Extra sidecar fields: the JSON and the command line."""
         return {"config": self.spec.source, "argv": self.argv}
@@ -173,6 +179,8 @@ def parse_request(argv: list[str] | None = None, world_size: int | None = None) 
     spec = _apply_overrides(spec, args)
     _check_weights(spec, args)
     prompts = resolve_prompts(args.prompt, args.prompt_file, spec.prompt)
+    prompts, images = split_prompt_images(prompts, args.image, args.last_image,
+                                          os.path.dirname(args.prompt_file) if args.prompt_file else None)
 
     sampling = SamplingConfig.from_spec(
         spec, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
@@ -197,9 +205,11 @@ def parse_request(argv: list[str] | None = None, world_size: int | None = None) 
     except ValueError as err:
         raise ValueError(f"parallel layout: {err}") from None
     _check_model(spec, sampling, parallel, world_size)
+    check_request(images, spec.suv_config().conditioning, sampling.num_frames)
+    images = images if any(c.first is not None for c in images) else None
     _check_inference_layout(args, sampling, parallel, world_size)
     backend = BackendConfig(args.backend or os.environ.get("MM_BACKEND", "auto")).name
-    return InferenceRequest(spec=spec, prompts=prompts, sampling=sampling, output=output, parallel=parallel,
+    return InferenceRequest(images=images, spec=spec, prompts=prompts, sampling=sampling, output=output, parallel=parallel,
                             backend=backend, load=args.load, use_ema=args.use_ema, dtype=spec.weight_dtype, argv=argv,
                             cfg_parallel=args.cfg_parallel, parallel_vae_decode=args.parallel_vae_decode)
 
@@ -352,7 +362,7 @@ def run(request: InferenceRequest, parallel=None):
     if request.parallel_vae_decode:
         apply_parallel_decode(pipeline.vae, replicas)
     return generate_videos(pipeline, request.prompts, request.sampling, request.output, parallel,
-                           extra_metadata=request.metadata())
+                           extra_metadata=request.metadata(), images=request.images)
 
 
 __all__ = ["InferenceRequest", "build_parser", "nothing_to_do", "parse_request", "run", "setup_logging"]

@@ -144,7 +144,7 @@ def _warn_if_stale(stem: Path, expected: dict) -> None:
 
 
 def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg: SamplingConfig, out: OutputOptions,
-                    parallel=None, extra_metadata: dict | None = None) -> RunSummary:
+                    parallel=None, extra_metadata: dict | None = None, images=None) -> RunSummary:
     """Generate this replica's share of ``prompts`` into ``out.save_path`` (collective over the TP group)."""
     from tqdm import tqdm
 
@@ -176,12 +176,15 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
     bar.set_postfix_str(f"samples 0/{num_todo}")
     for batch in todo:
         result = pipeline([prompts[i] for i in batch], cfg, [out.seed + i for i in batch], decode=decode,
-                          callback=lambda step, total: bar.update(1))
+                          callback=lambda step, total: bar.update(1),
+                          images=[images[i] for i in batch] if images is not None else None)
         if writer:
             for j, i in enumerate(batch):
                 media = write_sample(stems[i], result.videos[j], out.fps)
                 record = sample_record(i, prompts[i], cfg, out, pipeline, extra_metadata)
                 record["file"] = media.name
+                if images is not None:  # I2V: the conditioning images' paths and hashes
+                    record.update(images[i].sidecar())
                 write_json(sidecar_path(stems[i]), record)  # last: its presence marks the sample complete
                 assert media == media_path(stems[i], cfg.num_frames)
                 summary.written += [str(media), str(sidecar_path(stems[i]))]
