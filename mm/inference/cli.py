@@ -21,7 +21,7 @@ from pathlib import Path
 from mm.config import CP_ALGOS, BackendConfig, ParallelConfig
 from mm.config_upstream import InferenceSpec, TextEncoderPaths, load_inference_json
 from mm.inference.pipeline import SamplingConfig
-from mm.inference.i2v import check_request, split_prompt_images
+from mm.inference.i2v import check_checkpoint_channels, check_request, split_prompt_images
 from mm.inference.prompts import resolve_prompts
 from mm.inference.runner import OutputOptions
 
@@ -206,6 +206,7 @@ def parse_request(argv: list[str] | None = None, world_size: int | None = None) 
         raise ValueError(f"parallel layout: {err}") from None
     _check_model(spec, sampling, parallel, world_size)
     check_request(images, spec.suv_config().conditioning, sampling.num_frames)
+    check_checkpoint_channels(spec.predictor_checkpoint if args.load is None else None, spec.suv_config())
     images = images if any(c.first is not None for c in images) else None
     _check_inference_layout(args, sampling, parallel, world_size)
     backend = BackendConfig(args.backend or os.environ.get("MM_BACKEND", "auto")).name

@@ -109,6 +109,30 @@ def check_request(conds: Sequence[ImageCondition], conditioning, num_frames: int
             check_frames(num_frames, c.mode, conditioning.mask_channels)
 
 
+def check_checkpoint_channels(checkpoint: str | None, suv_config) -> None:
+    """A released flat DiT file whose patch embedding does not take the JSON's input channels (a T2V file with an
+    I2V JSON or the reverse) is refused before anything is built."""
+    if not checkpoint or not os.path.isfile(checkpoint):
+        return
+    key = "patch_embed.proj.weight"
+    if checkpoint.endswith(".safetensors"):  # read the header only, not the tensors
+        from safetensors import safe_open
+
+        with safe_open(checkpoint, "pt") as f:
+            shape = f.get_slice(key).get_shape() if key in f.keys() else None
+    else:  # memory-mapped: nothing but the one tensor is read
+        from mm.models.sparse_ummdit import load_upstream_checkpoint
+
+        weight = load_upstream_checkpoint(checkpoint).get(key)
+        shape = None if weight is None else tuple(weight.shape)
+    want = suv_config.patch_in_channels
+    if shape is not None and shape[1] != want:
+        hint = ("convert it: python -m checkpoint_tools to-i2v" if suv_config.conditioning is not None
+                else "an I2V checkpoint needs \"conditioning\": {\"type\": \"i2v\"} in the predictor block")
+        raise ValueError(f"DiT checkpoint {checkpoint}: patch_embed takes {shape[1]} input channels, the "
+                         f"predictor config {want} ({hint})")
+
+
 @torch.no_grad()
 def condition_channels(vae, conds: Sequence[ImageCondition], num_frames: int, height: int, width: int,
                        mask_channels: int, device) -> torch.Tensor:
