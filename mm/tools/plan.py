@@ -7,8 +7,9 @@
 Enumerates TP (+SP) x CP (Ulysses) x PP x DP layouts, with and without the distributed optimizer, with no /
 selective (FFN half) / full activation recompute, and prints per-rank memory (the fullest pipeline stage's,
 with every stage's peak in the note) and an estimated step time and MFU for each; infeasible layouts are
-marked with the reason, feasible ones ranked by step time. Ring / hybrid context parallelism is listed as
-"not supported yet" (the trainer has Ulysses only).
+marked with the reason, feasible ones ranked by step time. Context parallelism is Ulysses (heads split by
+all-to-all: TP x CP divides the heads), ring (K/V passed around the CP group: any head count) or hybrid
+(Ulysses inside groups, ring across), as the trainer's ``--context-parallel-algo``.
 
 Memory model (bytes per rank; ``P`` = this rank's SUV parameters, counted exactly from a meta-device build:
 TP-split parameters / TP + replicated ones):
@@ -24,7 +25,8 @@ TP-split parameters / TP + replicated ones):
   full width, TP-sharded ones) split into the attention and FFN halves, so recompute keeps: none = all,
   selective = the attention half + the FFN inputs, full = the block inputs (plus one block's activations
   while it is recomputed). Calibrated against ``mm.tools.memory_probe`` on real CPU runs of the tiny and a
-  mid-size config at TP 1, TP 2 + SP and PP 2 (``tests/distributed/test_plan_calibration.py``, within 20%);
+  mid-size config at TP 1, TP 2 + SP, PP 2 and ring CP 2 (``tests/distributed/test_plan_calibration.py``,
+  within 20%);
 * attention buffers: the softmax statistics (fp32, one per local head and query per block); our kernels never
   materialise the ``S x S`` scores or mask (spec §3.1);
 * pipeline stages (PP > 1): the trainer's stage cut (``mm.distributed.pipeline`` cost model), each stage's own
@@ -38,7 +40,8 @@ TP-split parameters / TP + replicated ones):
 Step-time model: compute = model FLOPs (``mm.training.metrics.train_flops``, Skiparse-aware) x the recompute
 factor / (peak x ``--compute-efficiency``); TP + SP: 4 all-gathers / reduce-scatters of the activations per
 block in the forward and 4 in the backward, over NVLink/HCCS when the TP group is inside a node; Ulysses CP:
-4 all-to-alls per block each way over the CP group; PP: the slowest stage's share of the FLOPs, one boundary
+4 all-to-alls per block each way over the Ulysses group; ring CP: the local K and V passed CP - 1 times
+forward and K, V and their gradients backward (no overlap with the attention assumed); PP: the slowest stage's share of the FLOPs, one boundary
 state each way per micro-batch, and the 1F1B bubble ``(m + PP - 1) / m``; DP: the grad reduce-scatter (fp32) and the param
 all-gather of the distributed optimizer (or an all-reduce without it) over the inter-node fabric; no
 overlap is assumed (the trainer's DDP does not overlap). MFU = model FLOPs / (step time x devices x peak).
@@ -50,7 +53,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,7 +205,13 @@ class Layout:
     distributed_optimizer: bool = True
     recompute: str = "selective"  # none | selective | full
     recompute_layers: int | None = None  # the first N blocks are recomputed; None = all
-    cp_algorithm: str = "ulysses"
+    cp_algorithm: str = "ulysses"  # ulysses | ring | hybrid (Ulysses inside groups of ulysses_degree, ring across)
+    ulysses_degree: int | None = None  # hybrid only
+
+    @property
+    def ulysses_size(self) -> int:
+        """The Ulysses part of CP (heads split by all-to-all); the ring part is CP / this."""
+        return {"ulysses": self.cp, "ring": 1}.get(self.cp_algorithm, self.ulysses_degree or 1)
 
     @classmethod
     def of_run(cls, run, world_size: int) -> "Layout":
@@ -212,13 +220,18 @@ class Layout:
         tp, cp, pp = par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size
         rc = tr.recompute_granularity or "none"
         layers = tr.selective_recompute_ffn_layers if rc == "selective" else tr.recompute_num_layers
+        algo = {"ulysses_cp_algo": "ulysses", "megatron_cp_algo": "ring", "hybrid_cp_algo": "hybrid"}[
+            par.context_parallel_algo]
         return cls(tp=tp, cp=cp, dp=world_size // (tp * cp * pp), pp=pp, sequence_parallel=par.sequence_parallel and tp > 1,
                    distributed_optimizer=run.optimizer.use_distributed_optimizer, recompute=rc,
-                   recompute_layers=layers if rc != "none" else None)
+                   recompute_layers=layers if rc != "none" else None, cp_algorithm=algo,
+                   ulysses_degree=par.ulysses_degree_in_cp if algo == "hybrid" else None)
 
     def label(self) -> str:
         sp = "+SP" if self.sequence_parallel and self.tp > 1 else ""
-        cp = f"CP{self.cp}" + (f"({self.cp_algorithm})" if self.cp > 1 else "")
+        algo = f"hybrid U{self.ulysses_size}xR{self.cp // self.ulysses_size}" if self.cp_algorithm == "hybrid" \
+            else self.cp_algorithm
+        cp = f"CP{self.cp}" + (f"({algo})" if self.cp > 1 else "")
         return f"TP{self.tp}{sp} {cp} PP{self.pp} DP{self.dp}"
 
 
@@ -402,12 +415,14 @@ def _ring_seconds(nbytes: float, group: int, gbps: float) -> float:
 
 def layout_problems(facts: ModelFacts, layout: Layout, work: Workload, num_devices: int) -> list[str]:
     p = []
-    if layout.cp > 1 and layout.cp_algorithm != "ulysses":
-        return [f"{layout.cp_algorithm} context parallelism is not supported yet"]
+    if layout.cp_algorithm == "hybrid" and not (1 < layout.ulysses_size < layout.cp and layout.cp % layout.ulysses_size == 0):
+        p.append(f"hybrid CP needs a Ulysses degree strictly between 1 and CP {layout.cp} dividing it, got "
+                 f"{layout.ulysses_degree}")
     if layout.tp * layout.cp * layout.pp * layout.dp != num_devices:
         p.append(f"TP x CP x PP x DP = {layout.tp * layout.cp * layout.pp * layout.dp} != {num_devices} devices")
-    if facts.num_heads % (layout.tp * layout.cp):
-        p.append(f"heads {facts.num_heads} not divisible by TP x CP = {layout.tp * layout.cp}")
+    heads_split = layout.tp * layout.ulysses_size  # ring attention keeps all of a TP rank's heads
+    if facts.num_heads % heads_split:
+        p.append(f"heads {facts.num_heads} not divisible by TP x Ulysses CP = {heads_split}")
     if layout.pp > facts.num_blocks:
         p.append(f"PP {layout.pp} > the model's {facts.num_blocks} blocks")
     t = work.latent_thw[0]
@@ -431,8 +446,6 @@ def estimate(facts: ModelFacts, layout: Layout, work: Workload, device: Device, 
     flops = train_flops(facts.flops_shape, work.latent_thw, work.text_len, work.global_batch)
     peak = PEAK_TFLOPS[device.peak_key] * 1e12
     micro = micro_batches(layout, work)
-    if problems and not supported(layout):
-        return Estimate(layout, {}, math.inf, None, {}, micro, problems)
     stages = stage_memory(facts, layout, work) if layout.pp <= facts.num_blocks else [memory_per_rank(
         facts, dataclasses.replace(layout, pp=1), work)]
     memory = max(stages, key=peak_bytes)
@@ -454,13 +467,18 @@ def estimate(facts: ModelFacts, layout: Layout, work: Workload, device: Device, 
     e = 2 if work.bf16 else 4
     act = _tokens(facts, layout, work) * facts.hidden * e  # one full-width activation of a micro-batch on a CP rank
     tp_bw = device.intra_node_gbps if layout.tp <= device.per_node else device.inter_node_gbps
-    cp_bw = device.intra_node_gbps if layout.tp * layout.cp <= device.per_node else device.inter_node_gbps
+    u, ring = layout.ulysses_size, layout.cp // layout.ulysses_size
+    u_bw = device.intra_node_gbps if layout.tp * u <= device.per_node else device.inter_node_gbps
+    ring_bw = device.intra_node_gbps if layout.tp * layout.cp <= device.per_node else device.inter_node_gbps
     dp_bw = device.intra_node_gbps if layout.tp * layout.cp * layout.dp <= device.per_node else device.inter_node_gbps
     pp_bw = device.intra_node_gbps if num_devices <= device.per_node else device.inter_node_gbps
     P = (memory["grads"] // 4)
     comm = {
         "tp": micro * stage_blocks_max * 8 * _ring_seconds(act, layout.tp, tp_bw),
-        "cp": micro * stage_blocks_max * 8 * _ring_seconds(act / layout.tp, layout.cp, cp_bw),
+        # Ulysses: 4 all-to-alls (q, k, v, out) each way; ring: K and V of the local tokens passed ring - 1 times
+        # forward, K, V and their gradients backward (not overlapped with the attention here)
+        "cp": micro * stage_blocks_max * (8 * _ring_seconds(act / layout.tp, u, u_bw)
+                                          + 6 * (ring - 1) * act / layout.tp / (ring_bw * GB)),
         # one boundary state forward and its gradient backward per micro-batch, point to point
         "pp": micro * 2 * max((boundary_bytes(facts, layout, work, b0) for b0, _ in ranges[1:]), default=0) / (pp_bw * GB),
         # reduce-scatter fp32 grads + all-gather params, or one all-reduce (2x a reduce-scatter) of fp32 grads
@@ -480,23 +498,22 @@ def enumerate_layouts(facts: ModelFacts, num_devices: int, per_node: int) -> lis
             for cp in sizes:
                 if num_devices % (tp * cp * pp):
                     continue
-                for distopt in (True, False):
-                    for rc in RECOMPUTE:
-                        out.append(Layout(tp, cp, num_devices // (tp * cp * pp), pp=pp, sequence_parallel=tp > 1,
-                                          distributed_optimizer=distopt, recompute=rc))
+                algos = [("ulysses", None)] + ([("ring", None)] if cp > 1 else []) + [
+                    ("hybrid", u) for u in sizes if 1 < u < cp]
+                for algo, u in algos:
+                    for distopt in (True, False):
+                        for rc in RECOMPUTE:
+                            out.append(Layout(tp, cp, num_devices // (tp * cp * pp), pp=pp, sequence_parallel=tp > 1,
+                                              distributed_optimizer=distopt, recompute=rc, cp_algorithm=algo,
+                                              ulysses_degree=u))
     return out
-
-
-def unsupported_layouts(num_devices: int) -> list[Layout]:
-    """Layouts a user may ask about that the trainer cannot run yet (listed, never ranked)."""
-    return [Layout(4, 2, num_devices // 8, cp_algorithm="ring")] if num_devices % 8 == 0 else []
 
 
 def plan(facts: ModelFacts, work: Workload, device: Device, num_devices: int, compute_efficiency: float = 0.5,
          headroom: float = HEADROOM):
     """(feasible ranked by step time, infeasible) estimates over all enumerated layouts."""
     ests = [estimate(facts, lay, work, device, num_devices, compute_efficiency, headroom)
-            for lay in enumerate_layouts(facts, num_devices, device.per_node) + unsupported_layouts(num_devices)]
+            for lay in enumerate_layouts(facts, num_devices, device.per_node)]
     feasible = sorted((e for e in ests if e.feasible), key=lambda e: (e.step_seconds, e.total_bytes))
     return feasible, [e for e in ests if not e.feasible]
 
@@ -506,14 +523,8 @@ COLUMNS = ("layout", "distopt", "recompute", "GA", "weights", "grads", "optim", 
            "peak", "step s", "MFU", "note")
 
 
-def supported(layout: Layout) -> bool:
-    return layout.cp == 1 or layout.cp_algorithm == "ulysses"
-
-
 def _row(e: Estimate) -> list[str]:
     head = [e.layout.label(), "y" if e.layout.distributed_optimizer else "n", e.layout.recompute, str(e.micro_batches)]
-    if not supported(e.layout):  # the model does not cover ring attention: no numbers
-        return head + ["-"] * (len(COLUMNS) - len(head) - 1) + ["; ".join(e.problems)]
     m = e.memory
     gb = lambda v: f"{v / GB:.3g}"  # noqa: E731
     notes = list(e.problems)
@@ -608,11 +619,9 @@ def main(argv=None) -> int:
     shown = feasible[: args.top]
     print(f"\n{len(feasible)} feasible layouts (fastest first; {len(shown)} shown):")
     print(format_table([list(COLUMNS)] + [_row(e) for e in shown]) if shown else "  none")
-    listed = infeasible if args.show_infeasible else [e for e in infeasible if not supported(e.layout)]
-    print(f"\n{len(infeasible)} infeasible layouts" + ("" if args.show_infeasible else
-                                                       " (--show-infeasible lists all; not supported yet:)"))
-    if listed:
-        print(format_table([list(COLUMNS)] + [_row(e) for e in listed]))
+    print(f"\n{len(infeasible)} infeasible layouts" + (":" if args.show_infeasible else " (--show-infeasible lists them)"))
+    if args.show_infeasible and infeasible:
+        print(format_table([list(COLUMNS)] + [_row(e) for e in infeasible]))
     return 0
 
 

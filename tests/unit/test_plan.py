@@ -43,11 +43,19 @@ def test_layout_upstream_could_not_run_is_infeasible(released):
     assert not e.feasible and "GB usable of 64 GB" in e.problems[0]
 
 
-def test_ring_cp_is_listed_as_not_supported(released):
+def test_ring_cp_needs_no_head_split_and_ulysses_does(released):
     from mm.tools.plan import Layout
 
-    ring = _video4(released, Layout(tp=4, cp=2, dp=64, cp_algorithm="ring"))
-    assert ring.problems == ["ring context parallelism is not supported yet"]
+    # TP 4 x CP 4 = 16 does not divide the 24 heads: Ulysses cannot split them, ring attention keeps them whole
+    # and hybrid splits them over TP 4 x Ulysses 2 only
+    ulysses = _video4(released, Layout(tp=4, cp=4, dp=32, recompute="selective"))
+    assert "heads 24 not divisible by TP x Ulysses CP = 16" in ulysses.problems
+    ring = _video4(released, Layout(tp=4, cp=4, dp=32, recompute="selective", cp_algorithm="ring"))
+    hybrid = _video4(released, Layout(tp=4, cp=4, dp=32, recompute="selective", cp_algorithm="hybrid",
+                                      ulysses_degree=2))
+    assert not [p for p in ring.problems + hybrid.problems if "heads" in p]
+    assert ring.memory == ulysses.memory  # the same tokens per rank; only the communication differs
+    assert ring.comm_seconds["cp"] > ulysses.comm_seconds["cp"] > 0
 
 
 def test_pipeline_stages_split_weights_and_keep_1f1b_activations(released):
