@@ -95,8 +95,9 @@ class BackendConfig:
         check_choice("backend", self.name, ("auto", "cpu", "cuda", "npu"))
 
 
-# context-parallel algorithms (MindSpeed's --context-parallel-algo names): Ulysses, ring, Ulysses x ring
-CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo")
+# context-parallel algorithms (MindSpeed's --context-parallel-algo names): Ulysses, ring, Ulysses x ring; and
+# ours: whole skiparse sub-sequences per rank (mm.distributed.skiparse_cp)
+CP_ALGOS = ("ulysses_cp_algo", "megatron_cp_algo", "hybrid_cp_algo", "skiparse_cp_algo")
 
 
 @dataclass
@@ -136,6 +137,9 @@ class ParallelConfig:
                   f"a divisor of context_parallel_size {cp} for hybrid_cp_algo: one of {divisors}")
         else:
             check(u is None, "ulysses_degree_in_cp", u, "unset unless context_parallel_algo is hybrid_cp_algo")
+        check(self.context_parallel_algo != "skiparse_cp_algo" or not self.sequence_parallel or cp == 1,
+              "sequence_parallel", self.sequence_parallel, "False with skiparse_cp_algo at CP > 1 (it re-shards "
+              "whole tokens over CP; use megatron_cp_algo or ulysses_cp_algo with sequence parallelism)")
         b = self.pipeline_stage_blocks
         chunks = self.pipeline_model_parallel_size * (v or 1)
         check(b is None or (isinstance(b, (list, tuple)) and len(b) == chunks
@@ -144,7 +148,8 @@ class ParallelConfig:
 
     @property
     def ulysses_size(self) -> int:
-        """The Ulysses part of CP (heads split by all-to-all); the ring part is CP / this."""
+        """The Ulysses part of CP (heads split by all-to-all); the ring part is CP / this. skiparse_cp_algo: 1
+        (the model runs its dense blocks with Ulysses instead when TP x CP divides the heads)."""
         algo, cp = self.context_parallel_algo, self.context_parallel_size
         return {"ulysses_cp_algo": cp, "megatron_cp_algo": 1}.get(algo, self.ulysses_degree_in_cp or 1)
 

@@ -324,7 +324,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--context-parallel-size", type=int, default=1, help="context-parallel (CP) size")
     g.add_argument("--context-parallel-algo", default="ulysses_cp_algo", choices=list(CP_ALGOS),
                    help="ulysses_cp_algo: heads split by all-to-all (TP x CP divides the heads); megatron_cp_algo: "
-                        "ring attention (any head count); hybrid_cp_algo: Ulysses inside x ring across")
+                        "ring attention (any head count); hybrid_cp_algo: Ulysses inside x ring across; "
+                        "skiparse_cp_algo: whole skiparse sub-sequences per rank where CP divides k (no attention "
+                        "communication there), Ulysses or ring elsewhere")
     g.add_argument("--ulysses-degree-in-cp", type=int, default=None, metavar="N",
                    help="hybrid_cp_algo: the Ulysses degree (consecutive ranks, e.g. within a node); the ring "
                         "runs over CP / N")

@@ -5,6 +5,8 @@ all-to-all), ``megatron_cp_algo`` (ring attention, ``mm.distributed.ring_attenti
 ``hybrid_cp_algo`` (CP = Ulysses degree x ring degree, ``--ulysses-degree-in-cp``): Ulysses over an inner
 group of consecutive CP ranks, ring over the outer group of the ranks ``U`` apart. One code path runs all
 three: Ulysses over ``cp.ulysses`` (size CP, 1 or U) then the ring over ``cp.ring`` (size 1, CP or CP/U).
+``skiparse_cp_algo`` (ours, ``mm.distributed.skiparse_cp``) keeps whole skiparse sub-sequences on ranks
+in the blocks where CP divides k; its other blocks run Ulysses (when TP x CP divides the heads) or the ring.
 
 * :class:`CPContext` carries the CP group/size/rank into the model (no ``parallel_state`` look-ups inside
   the math); ``CPContext.single()`` (size 1) makes every function here an identity.
@@ -24,6 +26,7 @@ three: Ulysses over ``cp.ulysses`` (size CP, 1 or U) then the ring over ``cp.rin
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +42,7 @@ class CPContext:
     ulysses_size: int | None = None  # None: all of CP (pure Ulysses)
     inner_group: object = None  # hybrid: the Ulysses group (consecutive CP ranks)
     outer_group: object = None  # hybrid: the ring group (CP ranks ulysses_size apart)
+    skiparse: bool = False  # skiparse_cp_algo: skiparse blocks hold whole sub-sequences (mm.distributed.skiparse_cp)
 
     @classmethod
     def single(cls) -> "CPContext":
@@ -51,7 +55,7 @@ class CPContext:
             return cls.single()
         return cls(parallel.cp_group, parallel.cp_size, parallel.cp_rank,
                    getattr(parallel, "cp_ulysses_size", None), getattr(parallel, "cp_inner_group", None),
-                   getattr(parallel, "cp_outer_group", None))
+                   getattr(parallel, "cp_outer_group", None), getattr(parallel, "cp_algo", "") == "skiparse_cp_algo")
 
     @property
     def ulysses(self) -> "CPContext":
@@ -62,6 +66,9 @@ class CPContext:
         if u == self.size:
             return CPContext(self.group, self.size, self.rank)
         return CPContext(self.inner_group, u, self.rank % u)
+
+    def with_ulysses_size(self, ulysses_size: int) -> "CPContext":
+        return dataclasses.replace(self, ulysses_size=ulysses_size)
 
     @property
     def ring(self) -> "CPContext":

@@ -49,6 +49,7 @@ class ParallelState:
     device: torch.device  # this rank's device: every model, batch and collective tensor lives here
     # context-parallel algorithm: the Ulysses part of CP (cp_size: Ulysses, 1: ring) and, for the hybrid,
     # megatron's hierarchical CP groups (inner = Ulysses over consecutive CP ranks, outer = ring)
+    cp_algo: str = "ulysses_cp_algo"
     cp_ulysses_size: int | None = None
     cp_inner_group: object = None
     cp_outer_group: object = None
@@ -133,6 +134,7 @@ def init_parallel(cfg: ParallelConfig, backend: str | None = None, timeout_s: fl
         dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         sequence_parallel=cfg.sequence_parallel,
         device=device,
+        cp_algo=cfg.context_parallel_algo,
         cp_ulysses_size=u,
         cp_inner_group=inner,
         cp_outer_group=outer,

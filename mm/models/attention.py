@@ -28,6 +28,7 @@ import torch.nn as nn
 
 import mm.ops
 from mm.distributed.context_parallel import CPContext, heads_to_seq, seq_to_heads
+from mm.distributed import skiparse_cp
 from mm.distributed.ring_attention import ring_attention
 from mm.distributed.tp_layers import TPContext, column_parallel, row_parallel
 from mm.models import skiparse
@@ -53,6 +54,8 @@ class AttentionContext:
     video_keep: torch.Tensor | None = None
     text_keep: torch.Tensor | None = None
     cp: CPContext | None = None
+    full_cos: torch.Tensor | None = None  # [Lv', 1, 1, hd] tables of the whole padded sequence (skiparse CP)
+    full_sin: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def key_mask(self, k: int, group: bool, batch: int, device) -> torch.Tensor | None:
@@ -176,6 +179,9 @@ class JointAttention(nn.Module):
                 group: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """video ``[Sv, B, D]``, text ``[St, B, D]`` (sequence shards under SP / CP) -> (video, text or None)."""
         cp = ctx.cp if ctx.cp is not None else CPContext.single()
+        layout = skiparse_cp.block_layout(sparse_k, group, cp)
+        if layout != skiparse_cp.CHUNK:
+            return self._subsequences_local(x_SBE, y_SBE, ctx, layout)
         uly, ring = cp.ulysses, cp.ring
         if self.local_heads % uly.size:
             raise ValueError(f"num_heads/TP = {self.local_heads} is not divisible by the Ulysses degree {uly.size}")
@@ -204,6 +210,45 @@ class JointAttention(nn.Module):
         # Ulysses: scatter the sequence, gather the heads back
         out_v = heads_to_seq(out_v, uly)
         out_t = heads_to_seq(out_t, uly) if out_t is not None else None
+        return self._out(out_v, out_t)
+
+    def _subsequences_local(self, x_SBE, y_SBE, ctx: AttentionContext, layout) -> tuple:
+        """Skiparse CP (``mm.distributed.skiparse_cp``): ``x_SBE`` holds this rank's whole sub-sequences
+        ``[k/CP * L'/k, B, D]`` (sub-sequence major), ``y_SBE`` its caption chunk ``[Lt'/CP, B, D]``. Video
+        attention is local; the caption keys/values/queries are all-gathered over CP and the sum of the
+        caption outputs over the k sub-sequences is reduce-scattered back to the chunks (then / k)."""
+        cp, k = ctx.cp, layout.k
+        ids = skiparse_cp.global_ids(ctx.video_len, cp.size, layout)[cp.rank].to(x_SBE.device)
+        cos, sin = ctx.full_cos.index_select(0, ids), ctx.full_sin.index_select(0, ids)
+        q = mm.ops.apply_rope(self.norm_q(self._heads(self.to_q, x_SBE)), cos, sin, ctx.chunks)
+        k_ = mm.ops.apply_rope(self.norm_k(self._heads(self.to_k, x_SBE)), cos, sin, ctx.chunks)
+        v = self._heads(self.to_v, x_SBE)
+        kt = skiparse_cp.gather_text(self.norm_added_k(self._heads(self.add_k_proj, y_SBE)), cp)  # [Lt', B, H, hd]
+        vt = skiparse_cp.gather_text(self._heads(self.add_v_proj, y_SBE), cp)
+        qt = None
+        if not self.context_pre_only:
+            qt = skiparse_cp.gather_text(self.norm_added_q(self._heads(self.add_q_proj, y_SBE)), cp)
+        n, B = q.shape[:2]
+        local, Lsub, Lt = k // cp.size, n // (k // cp.size), kt.shape[0]
+
+        def joint(video, text):  # [local*Lsub, B, H, hd] + [Lt, B, H, hd] -> [local*B, Lsub + Lt, H, hd]
+            v_ = video.reshape(local, Lsub, B, *video.shape[2:]).transpose(1, 2)
+            t_ = text.transpose(0, 1).expand(local, *text.transpose(0, 1).shape)
+            return torch.cat([v_, t_], dim=2).flatten(0, 1)
+
+        mask = ctx.key_mask(k, layout.group, B, q.device)  # rows r*B + b of all k sub-sequences
+        if mask is not None:
+            mask = mask[cp.rank * local * B:(cp.rank + 1) * local * B]
+        q_all = joint(q, qt) if qt is not None else q.reshape(local, Lsub, B, *q.shape[2:]).transpose(1, 2).flatten(0, 1)
+        out = mm.ops.attention(q_all, joint(k_, kt), joint(v, vt), key_mask=mask, scale=self.head_dim ** -0.5)
+        out_v = out[:, :Lsub].reshape(local, B, Lsub, *out.shape[2:]).transpose(1, 2).reshape(n, B, *out.shape[2:])
+        out_t = None
+        if qt is not None:  # mean over the k sub-sequences of each sample: local fp32 sum, CP reduce-scatter, / k
+            part = out[:, Lsub:].reshape(local, B, Lt, *out.shape[2:]).float().sum(0).transpose(0, 1)
+            out_t = (skiparse_cp.reduce_scatter_text(part, cp) / k).to(out.dtype)  # [Lt'/CP, B, H, hd]
+        return self._out(out_v, out_t)
+
+    def _out(self, out_v: torch.Tensor, out_t: torch.Tensor | None) -> tuple:
         # [L, B, H, hd] -> [L, B, H*hd]; row-parallel out-projections (reduce-scatter the sequence under SP)
         a, _ = self.to_out[0](out_v.reshape(*out_v.shape[:2], -1))
         a = self.to_out[1](a)

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mm.distributed import skiparse_cp
 from mm.distributed.context_parallel import CPContext, gather_output, pad_seq, padded_lengths, split_input
 from mm.distributed.tp_layers import (
     TPContext,
@@ -172,6 +173,8 @@ class SparseUMMDiT(nn.Module):
         self.init_seed = init_seed
         self.tp = tp = TPContext.from_parallel_state(parallel)
         self.cp = cp = CPContext.from_parallel_state(parallel)
+        if cp.skiparse:  # its blocks that cannot keep whole sub-sequences: Ulysses if the heads allow, else ring
+            self.cp = cp = cp.with_ulysses_size(cp.size if cfg.num_heads % (tp.size * cp.size) == 0 else 1)
         cfg.validate_tp(tp.size)
         if cfg.num_heads % (tp.size * cp.ulysses.size):
             raise ValueError(f"num_heads={cfg.num_heads} is not divisible by TP x Ulysses-CP = {tp.size} x "
@@ -369,19 +372,28 @@ class SparseUMMDiT(nn.Module):
         # RoPE of the (padded) sequence this rank attends with: all of it, or its ring rank's chunk (the padded
         # positions get zeros: they are never attended and their outputs are dropped)
         r, n = cp.ring.rank, Lvp // cp.ring.size
-        cos, sin = (pad_seq(t, Lvp, 0)[r * n:(r + 1) * n] for t in self._rope(grid, x.device))
-        ctx = AttentionContext(cos=cos, sin=sin, chunks=rope_chunks(cfg.head_dim), video_len=Lvp, text_len=Ltp,
-                               video_keep=video_keep, text_keep=text_keep, cp=cp)
+        full_cos, full_sin = (pad_seq(t, Lvp, 0) for t in self._rope(grid, x.device))
+        ctx = AttentionContext(cos=full_cos[r * n:(r + 1) * n], sin=full_sin[r * n:(r + 1) * n],
+                               chunks=rope_chunks(cfg.head_dim), video_len=Lvp, text_len=Ltp,
+                               video_keep=video_keep, text_keep=text_keep, cp=cp, full_cos=full_cos,
+                               full_sin=full_sin)
+        layout = skiparse_cp.CHUNK  # skiparse CP: which video tokens this rank holds (skips: always chunks)
         mid = cfg.num_stages // 2
         for s, i in block_positions(cfg)[slice(*self.block_range)]:
             if s > mid and i == 0:  # decoder: fuse the mirrored encoder stage's output (stage mid+j+1 <-> mid-j-1)
                 j = s - mid - 1
                 xs, ys = skips.pop()
+                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp), skiparse_cp.CHUNK
                 x = self.skip_norm_linear[j](torch.cat([x, xs], dim=-1))
                 y = self.skip_norm_linear_enc[j](torch.cat([y, ys], dim=-1))
-            x, y = self.transformer_blocks[s][i](x, y, cond, ctx)
+            block = self.transformer_blocks[s][i]
+            want = skiparse_cp.block_layout(block.sparse_k, block.group_skip, cp)
+            x, layout = skiparse_cp.reshard(x, layout, want, cp), want
+            x, y = block(x, y, cond, ctx)
             if s < mid and i == cfg.num_layers[s] - 1:
+                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp), skiparse_cp.CHUNK
                 skips.append((x, y))
+        x = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp)  # stage boundaries and the output: chunks
         if not self.post_process:
             return StageState(x, y, skips)
 

@@ -1,6 +1,7 @@
 """The trainer under context parallelism on the tiny preset with 17-frame clips (3 latent frames, which no CP
 size > 1 divides: the flattened sequences are padded and split): Ulysses (CP 2), the ring (CP 2, through the
-``pretrain_sora.py`` entry point under torchrun) and the hybrid 2 x 2 log the one-process losses."""
+``pretrain_sora.py`` entry point under torchrun), the hybrid 2 x 2 and skiparse CP 2 log the one-process
+losses and grad norms."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def reference(ws):
 @pytest.mark.parametrize("par", [
     {"context_parallel_size": 2},
     {"context_parallel_size": 4, "context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 2},
-], ids=["ulysses2", "hybrid2x2"])
+    {"context_parallel_size": 2, "context_parallel_algo": "skiparse_cp_algo"},
+], ids=["ulysses2", "hybrid2x2", "skiparse2"])
 def test_cp_trains_like_one_process(ws, reference, par):
     runs = run_distributed(_train, par["context_parallel_size"], args=(ws, par), timeout=300)
     assert all(r == runs[0] for r in runs)  # every CP rank computes the loss on the full output
