@@ -27,9 +27,17 @@ demo: setup
 device-check: setup
 	$(PY) tests/backends/run_device_check.py --out outputs/device_check.json
 
+# Every bench/*.py with its defaults (stdout -> outputs/bench/NAME.txt, its last line, one JSON object,
+# -> outputs/bench/NAME.json), then the WFVAE at 65 frames and at the released widths (issue 20).
 bench: setup
-	$(PY) bench/attention.py
-	$(PY) bench/wfvae.py
+	mkdir -p outputs/bench
+	for script in bench/*.py; do \
+	    name=$$(basename $$script .py); echo "== $$script"; \
+	    MM_BACKEND=cpu $(PY) $$script > outputs/bench/$$name.txt || exit 1; \
+	    cat outputs/bench/$$name.txt; tail -n 1 outputs/bench/$$name.txt > outputs/bench/$$name.json; \
+	done
+	MM_BACKEND=cpu $(PY) bench/wfvae.py --frames 65 --out outputs/bench/wfvae_65.json
+	MM_BACKEND=cpu $(PY) bench/wfvae.py --released-dims --size 256 --frames 33 --out outputs/bench/wfvae_released_33.json
 
 clean:
 	rm -rf $(VENV) outputs
