@@ -179,8 +179,10 @@ def parse_request(argv: list[str] | None = None, world_size: int | None = None) 
     spec = _apply_overrides(spec, args)
     _check_weights(spec, args)
     prompts = resolve_prompts(args.prompt, args.prompt_file, spec.prompt)
-    prompts, images = split_prompt_images(prompts, args.image, args.last_image,
-                                          os.path.dirname(args.prompt_file) if args.prompt_file else None)
+    prompt_file = args.prompt_file or (spec.prompt if args.prompt is None and spec.prompt
+                                       and os.path.isfile(spec.prompt) else None)
+    prompts, images = split_prompt_images(prompts, args.image, args.last_image,  # image paths: from the file's folder
+                                          os.path.dirname(prompt_file) if prompt_file else None)
 
     sampling = SamplingConfig.from_spec(
         spec, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,

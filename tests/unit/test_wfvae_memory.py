@@ -56,7 +56,10 @@ def _peak_bytes(fn, *args) -> int:
     return mode.peak
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [((3, 3, 3), 1, (0, 1, 1)), ((3, 3, 3), 2, (0, 0, 0)), ((1, 3, 3), 1, (0, 1, 1)), ((1, 1, 1), 1, (0, 0, 0))])
+@pytest.mark.parametrize(
+    "kernel,stride,padding",
+    [((3, 3, 3), 1, (0, 1, 1)), ((3, 3, 3), 2, (0, 0, 0)), ((1, 3, 3), 1, (0, 1, 1)), ((1, 1, 1), 1, (0, 0, 0))],
+)
 def test_conv3d_matches_torch(kernel, stride, padding):
     """oneDNN (or F.conv3d for 1x1x1) = F.conv3d up to rounding, also through autograd."""
     g = torch.Generator().manual_seed(0)
