@@ -17,7 +17,6 @@ part. Shapes below are for the released config (base 160, energy flow 128, laten
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mm.models.vae_layers import (
