@@ -31,6 +31,7 @@ from mm.config_upstream import ModelSpec
 from mm.data.config import DataConfig
 from mm.diffusion.flow_matching import dynamic_shift, flow_matching_loss, q_sample, velocity_target
 from mm.distributed.encoder_dp import EncoderDPFeatures
+from mm.models.conditioning import training_channels
 from mm.distributed.init import ParallelState, init_parallel
 from mm.distributed import pipeline
 from mm.distributed.parallelize import apply_recompute, wrap_ddp_chunks
@@ -145,6 +146,10 @@ class Trainer:
                                        global_batch_size=tr.global_batch_size, num_workers=data_num_workers,
                                        index_dir=data_index)
         self.noise_generator = torch.Generator().manual_seed(tr.seed + 104729 * self.ps.dp_rank)
+        # I2V (mm.models.conditioning): the per-sample mode draw, like the noise one stream per DP rank so the
+        # TP/CP/PP ranks of a sample agree; its own stream keeps the noise of T2V runs unchanged
+        self.conditioning = spec.suv_config().conditioning
+        self.i2v_generator = torch.Generator().manual_seed(tr.seed + 7919 + 104729 * self.ps.dp_rank)
         self.iteration = 0
         self.samples_seen = 0
         if ck.load and ckpt.candidate_iterations(ck.load):
@@ -242,20 +247,23 @@ class Trainer:
             drawn[id(feats)] = [q_sample(z0, shift=shift, generator=self.noise_generator,
                                          sigma_min=self.spec.diffusion.sigma_eps,
                                          sync_groups=(self.ps.tp_group, self.ps.cp_group)), len(self.chunks)]
+            if self.conditioning is not None:  # I2V: [masked cond latents ; mask] channels, drawn with the noise
+                drawn[id(feats)].append(training_channels(z0, self.conditioning, self.i2v_generator))
         entry = drawn[id(feats)]
         entry[1] -= 1
         if entry[1] == 0:
             del drawn[id(feats)]
-        return entry[0]
+        return entry[0], (entry[2] if len(entry) > 2 else None)
 
     def forward_step(self, data_iterator, model):
         feats: Features = next(data_iterator)
         z0 = feats.latents.float()
-        noised = self._noise_once(feats, z0)
+        noised, condition = self._noise_once(feats, z0)
+        x_in = noised.x if condition is None else torch.cat([noised.x, condition.to(noised.x.dtype)], dim=1)
         dt = self.param_dtype
         # PP: every stage gets the same micro-batch (same sigma and noise: the noise stream is seeded per DP
         # rank); the first stage embeds it, the others take the received boundary tensor, the last one the loss
-        pred = pipeline.run_chunk(model, model.module, noised.x.to(dt), noised.timesteps, feats.text.to(dt),
+        pred = pipeline.run_chunk(model, model.module, x_in.to(dt), noised.timesteps, feats.text.to(dt),
                                   feats.text_mask, feats.pooled.to(dt), feats.video_mask)
         target = velocity_target(z0, noised.eps)
         self._micro_samples += z0.shape[0]
@@ -551,7 +559,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ checkpoints
     def _generators(self) -> dict[str, torch.Generator]:
-        return {"noise": self.noise_generator, "vae": self.vae_generator}
+        return {"noise": self.noise_generator, "vae": self.vae_generator, "i2v": self.i2v_generator}
 
     def _common_state(self) -> dict:
         from mm.data.loader import merge_sampler_states
