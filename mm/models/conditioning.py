@@ -136,3 +136,12 @@ def widen_patch_embed(weight: torch.Tensor, conditioning: I2VConditioning) -> to
     out = weight.new_zeros(D, conditioning.input_channels(C), p, q)
     out[:, :C] = weight
     return out
+
+
+def training_channels(z0: torch.Tensor, conditioning: I2VConditioning, generator: torch.Generator) -> torch.Tensor:
+    """Training: one mode per sample drawn at ``conditioning.rates``, the conditioning cut from the clip's own
+    latents ``z0 [B, C, t, h, w]`` -> extra input channels ``[B, C + ft, t, h, w]``. A one-latent-frame sample
+    (an image) cannot carry a transition and takes ``first`` instead."""
+    t, ft = z0.shape[2], conditioning.mask_channels
+    modes = [m if m != "transition" or t > 1 else "first" for m in draw_modes(z0.shape[0], conditioning.rates, generator)]
+    return conditioning_channels(z0, latent_mask(modes, 1 + (t - 1) * ft, ft))
