@@ -5,15 +5,10 @@ resumes at PP = 1 and at TP = 2 with the PP = 1 run's next loss; the torchrun en
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from harness import run_distributed
-from tiny_workspace import ROOT, make_workspace
+from tiny_workspace import make_workspace
 
 ITERS = 3
 
@@ -97,19 +92,10 @@ def test_pp2_dp2_distributed_optimizer_matches_pp1_dp2(ws):
 
 
 def test_torchrun_pp2_logs_the_pp1_losses(ws, reference, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    save = tmp_path / "run"
-    cmd = [torchrun, "--nproc_per_node", "2", str(ROOT / "pretrain_sora.py"), "--mm-model", ws["model"],
-           "--mm-data", ws["data"], "--pipeline-model-parallel-size", "2", "--micro-batch-size", "1",
-           "--global-batch-size", "4", "--train-iters", str(ITERS), "--seed", "1234", "--lr", "1e-3",
-           "--min-lr", "1e-3", "--log-interval", "1", "--save", str(save), "--save-interval", "100",
-           "--data-num-workers", "0"]
-    env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "pipeline stages" in proc.stderr + proc.stdout
-    with open(save / "train_log.jsonl") as f:
-        logged = [json.loads(line)["loss"] for line in f]
+    from torchrun_training import torchrun_losses
+
+    logged, console = torchrun_losses(ws, 2, ["--pipeline-model-parallel-size", "2"], tmp_path / "run", ITERS, 4)
+    assert "pipeline stages" in console
     assert _close(logged, [loss for loss, _ in reference]), (logged, reference)
 
 
