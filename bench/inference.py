@@ -2,7 +2,7 @@
 
 For a config (``tiny``: the test preset, 9x32x32, 2 heads; ``mid``: 4 heads x 32, 17x64x64) it samples the
 same prompts with one process and with 2 ranks in each mode — DP 2 (prompts split), TP 2 + SP,
-``--cfg-parallel``, CP 2 Ulysses, CP 2 ring, and TP 2 with ``--parallel-vae-decode`` — on the current
+``--cfg-parallel``, CP 2 Ulysses, ring and skiparse, and TP 2 with ``--parallel-vae-decode`` — on the current
 backend (gloo + CPU here; the same script on GPUs), and reports seconds per sample (sampling + decode,
 per replica's throughput: for DP the wall time of all prompts / their number), seconds per DiT step and
 the speed-up of each mode vs one process (one process's seconds per sample / the mode's). One warm-up
@@ -32,6 +32,7 @@ MODES = {  # name: (ranks, ParallelConfig kwargs, cfg_parallel, parallel_vae_dec
     "cfg2": (2, {}, True, False),
     "cp2_ulysses": (2, {"context_parallel_size": 2}, False, False),
     "cp2_ring": (2, {"context_parallel_size": 2, "context_parallel_algo": "megatron_cp_algo"}, False, False),
+    "cp2_skiparse": (2, {"context_parallel_size": 2, "context_parallel_algo": "skiparse_cp_algo"}, False, False),
     "tp2_vae2": (2, {"tensor_model_parallel_size": 2}, False, True),
 }
 SIZES = {"tiny": (9, 32, 32), "mid": (17, 64, 64)}

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT context-parallel size: the video and text tokens split over CP ranks (default 1)")
     g.add_argument("--context-parallel-algo", choices=CP_ALGOS, default="ulysses_cp_algo",
                    help="ulysses_cp_algo (heads all-to-all; TP x CP divides the heads), megatron_cp_algo (ring "
-                        "attention), hybrid_cp_algo (Ulysses x ring, --ulysses-degree-in-cp) (default ulysses)")
+                        "attention), hybrid_cp_algo (Ulysses x ring, --ulysses-degree-in-cp), skiparse_cp_algo "
+                        "(whole skiparse sub-sequences per rank; no --sequence-parallel) (default ulysses_cp_algo)")
     g.add_argument("--ulysses-degree-in-cp", type=int, default=None, metavar="U",
                    help="hybrid_cp_algo: the Ulysses part of CP (a divisor of CP; the ring is CP / U)")
     g.add_argument("--cfg-parallel", action="store_true",

@@ -90,7 +90,7 @@ def test_outputs_do_not_depend_on_dp_size(paths, tmp_path):
     two = run_distributed(_cli, 2, args=(base_argv(paths, tmp_path / "dp2"),), timeout=120)
     assert one == [[0, 1, 2]] and two == [[0, 2], [1]]  # batch b on replica b % DP
     a, b = _outputs(tmp_path / "dp1"), _outputs(tmp_path / "dp2")
-    assert sorted(a) == sorted(b) and len(a) == 9
+    assert sorted(a) == sorted(b) and len(a) == 11  # 3 x (mp4, its bytes, sidecar) + the grid (mp4, bytes)
     for name in a:  # same frames, same mp4 bytes, same sidecars
         if name.endswith(".mp4"):
             assert np.array_equal(a[name], b[name]), name
@@ -110,7 +110,7 @@ def test_torchrun_tp2_smoke(paths, tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     tp2 = _outputs(tmp_path / "tp2")
-    assert len(tp2) == 9
+    assert len(tp2) == 11  # with the grid
 
     from mm.inference.cli import parse_request, run
 
@@ -126,7 +126,7 @@ def test_torchrun_tp2_smoke(paths, tmp_path):
         if name.endswith(":bytes"):
             continue
         if name.endswith(".mp4"):
-            assert tp2[name].shape == (9, 32, 32, 3)
+            assert tp2[name].shape == ((9, 68, 68, 3) if name.startswith("video_grid") else (9, 32, 32, 3))
             # latents agree to ~1e-6; a rare pixel may round the other way before H.264 encoding
             assert np.abs(tp1[name].astype(int) - tp2[name].astype(int)).mean() < 0.05, name
         else:
