@@ -55,6 +55,27 @@ def _missing_data_files(cfg: DataConfig) -> list[str]:
     return out
 
 
+def _ring_kernel_problems(par, suv, backend_name: str) -> list[str]:
+    """Ring attention needs the backend's ``attention_block`` kernel (out, lse); say so before anything runs."""
+    from mm.ops.registry import BackendUnavailableError, backend_module, resolve_backend_name
+
+    cp, u = par.context_parallel_size, par.ulysses_size
+    ring = cp // u > 1
+    if par.context_parallel_algo == "skiparse_cp_algo" and suv is not None:  # its dense blocks: ring if no Ulysses
+        ring = cp > 1 and suv.num_heads % (par.tensor_model_parallel_size * cp) != 0
+    if not ring:
+        return []
+    try:
+        name = resolve_backend_name(backend_name)
+    except (BackendUnavailableError, ValueError):  # reported when the backend is selected
+        return []
+    if "attention_block" in backend_module(name).kernels():
+        return []
+    return [f"--context-parallel-algo {par.context_parallel_algo} at --context-parallel-size {cp} runs ring "
+            f"attention, whose block kernel (attention_block) the {name} backend does not have: use "
+            "--context-parallel-algo ulysses_cp_algo (TP x CP must divide the heads) or the cpu backend"]
+
+
 def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelSpec, DataConfig, RunConfig]:
     """(model spec, data config, run config) of a valid command line; ``ConfigErrors`` listing every problem."""
     from mm.training.checkpointing import candidate_iterations, resume_problems
@@ -100,6 +121,8 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
                          f"{par.ulysses_size} = {heads_split} does not divide the model's {suv.num_heads} "
                          "attention heads (predictor.num_heads); ring context parallelism "
                          "(--context-parallel-algo megatron_cp_algo) splits no heads")
+        for msg in _ring_kernel_problems(par, suv, run.backend.name):
+            problems.add(msg)
         if par.encoder_data_parallel and world_size % par.model_parallel_size == 0:
             mb = tr.global_batch_size // max(1, tr.micro_batch_size * (world_size // par.model_parallel_size))
             if mb % group:

@@ -76,3 +76,36 @@ def test_torchrun_ring_cp2_logs_the_cp1_losses(ws, reference, tmp_path):
     with open(save / "train_log.jsonl") as f:
         logged = [json.loads(line)["loss"] for line in f]
     assert _close(logged, [loss for loss, _ in reference]), (logged, reference)
+
+
+@pytest.mark.parametrize("extra, world, words", [
+    (["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "3"],
+     2, "ulysses_degree_in_cp=3"),
+    (["--context-parallel-size", "8"], 8, "--context-parallel-size 8 = 8 does not divide the model's 4 attention heads"),
+    (["--context-parallel-size", "2", "--context-parallel-algo", "skiparse_cp_algo", "--tensor-model-parallel-size",
+      "2", "--sequence-parallel"], 4, "False with skiparse_cp_algo"),
+])
+def test_bad_cp_flags_are_one_error_line(ws, capsys, monkeypatch, extra, world, words):
+    import pretrain_sora
+
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    assert pretrain_sora.main(["--mm-model", ws["model"], "--mm-data", ws["data"], *extra]) == 2
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "error:" in ln]
+    assert "Traceback" not in err and len(lines) == 1 and words in lines[0], lines
+
+
+def test_ring_on_a_backend_without_the_block_kernel_is_an_error(ws, capsys, monkeypatch):
+    import types
+
+    import pretrain_sora
+    from mm.ops import registry, reference
+
+    no_block = {k: v for k, v in reference.kernels().items() if k not in registry.OPTIONAL_KERNELS}
+    monkeypatch.setattr(registry, "resolve_backend_name", lambda name: "cuda")
+    monkeypatch.setattr(registry, "backend_module", lambda name: types.SimpleNamespace(kernels=lambda: no_block))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["--mm-model", ws["model"], "--mm-data", ws["data"], "--context-parallel-size", "2"]
+    assert pretrain_sora.main([*argv, "--context-parallel-algo", "megatron_cp_algo"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
+    assert len(lines) == 1 and "block kernel (attention_block) the cuda backend does not have" in lines[0], lines
