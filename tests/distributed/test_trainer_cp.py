@@ -1,7 +1,7 @@
 """The trainer under context parallelism on the tiny preset with 17-frame clips (3 latent frames, which no CP
 size > 1 divides: the flattened sequences are padded and split): Ulysses (CP 2), the ring (CP 2, through the
-``pretrain_sora.py`` entry point under torchrun), the hybrid 2 x 2 and skiparse CP 2 log the one-process
-losses and grad norms."""
+``pretrain_sora.py`` entry point under torchrun), the hybrid 2 x 2 and skiparse CP 2 (also with PP 2: padded
+chunks and re-sharded layouts cross the stage boundary) log the one-process losses and grad norms."""
 
 from __future__ import annotations
 
@@ -52,9 +52,11 @@ def reference(ws):
     {"context_parallel_size": 2},
     {"context_parallel_size": 4, "context_parallel_algo": "hybrid_cp_algo", "ulysses_degree_in_cp": 2},
     {"context_parallel_size": 2, "context_parallel_algo": "skiparse_cp_algo"},
-], ids=["ulysses2", "hybrid2x2", "skiparse2"])
+    {"context_parallel_size": 2, "context_parallel_algo": "skiparse_cp_algo", "pipeline_model_parallel_size": 2},
+], ids=["ulysses2", "hybrid2x2", "skiparse2", "skiparse2_pp2"])
 def test_cp_trains_like_one_process(ws, reference, par):
-    runs = run_distributed(_train, par["context_parallel_size"], args=(ws, par), timeout=300)
+    world = par["context_parallel_size"] * par.get("pipeline_model_parallel_size", 1)
+    runs = run_distributed(_train, world, args=(ws, par), timeout=300)
     assert all(r == runs[0] for r in runs)  # every CP rank computes the loss on the full output
     losses, norms = zip(*runs[0])
     ref_losses, ref_norms = zip(*reference)
