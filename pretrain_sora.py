@@ -37,7 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
                     "with a warning and have no effect.")
     p.add_argument("--mm-model", required=True, help="upstream model JSON (ae, text encoders, predictor, diffusion)")
     p.add_argument("--mm-data", required=True, help="upstream data JSON (or a data.txt list)")
-    p.add_argument("--tensorboard-dir", default=None, help="TensorBoard directory (default: <save>/tensorboard)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="per-device peak TFLOP/s for MFU (default: known accelerators; n/a on CPU)")
     p.add_argument("--data-num-workers", type=int, default=None, help="DataLoader workers (default: data JSON)")
@@ -45,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on-disk sample index directory (default: the cache of this data config, built on first use; "
                         "python -m mm.data.build_index builds one ahead)")
     add_megatron_flags(p)
+    from mm.training.observability import add_log_flags
+
+    add_log_flags(p)
     from mm.tools.dry_run import add_dry_run_flags
 
     add_dry_run_flags(p)
@@ -71,12 +73,18 @@ def main(argv=None) -> int:
 
     if rank == 0:
         warn_inert_flags(args)
+    from mm.training.observability import log_config_from_args
+
+    log_config = log_config_from_args(args)
     try:  # every problem at once, before anything is built
         from mm.tools.dry_run import world_size_of
 
         spec, data_cfg, run = validate_training(args, world_size_of(args, int(os.environ.get("WORLD_SIZE", "1"))))
     except ConfigErrors as e:
-        _errors(e.problems, rank)
+        _errors(e.problems + log_config.problems(), rank)
+        return 2
+    if log_config.problems():
+        _errors(log_config.problems(), rank)
         return 2
     if args.dry_run:  # the layout on simulated ranks, per-rank parameters and memory; no data, no devices
         from mm.tools.dry_run import dry_run
@@ -94,7 +102,7 @@ def main(argv=None) -> int:
     from mm.training.trainer import Trainer
 
     try:
-        trainer = Trainer(spec, data_cfg, run, tensorboard_dir=args.tensorboard_dir, peak_tflops=args.peak_tflops,
+        trainer = Trainer(spec, data_cfg, run, log_config=log_config, peak_tflops=args.peak_tflops,
                           data_num_workers=args.data_num_workers, data_index=args.data_index)
     except CheckpointError as e:  # no checkpoint under --load verifies (each bad file named)
         _errors([str(e)], rank)

@@ -302,7 +302,6 @@ INERT_FLAGS = {
     "--max-position-embeddings": 1, "--attention-dropout": 1, "--hidden-dropout": 1, "--tokenizer-type": 1,
     "--vocab-size": 1, "--position-embedding-type": 1, "--rotary-base": 1, "--normalization": 1,
     "--optimizer-selection": 1, "--distributed-backend": 1, "--eval-interval": 1, "--eval-iters": 1,
-    "--wandb-project": 1, "--wandb-exp-name": 1, "--wandb-save-dir": 1, "--tensorboard-log-interval": 1,
     "--recompute-method": 1, "--mm-tool": 1,
     "--swiglu": 0, "--qk-layernorm": 0, "--use-fused-rmsnorm": 0, "--no-masked-softmax-fusion": 0,
     "--fp32-residual-connection": 0, "--attention-softmax-in-fp32": 0, "--accumulate-allreduce-grads-in-fp32": 0,

@@ -15,9 +15,23 @@ import os
 import sys
 
 FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+# megatron's iteration line (``extra={"parseable": True}``): no colon after the name, so the line has exactly the
+# two colons of megatron's own timestamp before its fields and upstream's ``awk -F ':' '{print$5}'`` finds the ms
+PARSEABLE_FORMAT = "%(asctime)s [rank {rank}] %(levelname)s %(name)s %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 OURS = ("mm", "megatron_patches", "__main__")
 CHATTY = ("megatron",)  # INFO-level dumps that drown a log
+
+
+class _Formatter(logging.Formatter):
+    """``FORMAT``, or ``PARSEABLE_FORMAT`` for a record logged with ``extra={"parseable": True}``."""
+
+    def __init__(self, rank: int):
+        super().__init__(FORMAT.format(rank=rank), DATEFMT)
+        self.parseable = logging.Formatter(PARSEABLE_FORMAT.format(rank=rank), DATEFMT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.parseable.format(record) if getattr(record, "parseable", False) else super().format(record)
 
 
 class _LibraryOnce(logging.Filter):
@@ -44,7 +58,7 @@ def setup_logging(stream=None) -> int:
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"MM_LOG_LEVEL={level!r}: allowed DEBUG, INFO, WARNING, ERROR")
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter(FORMAT.format(rank=rank), DATEFMT))
+    handler.setFormatter(_Formatter(rank))
     handler.addFilter(_LibraryOnce())
     root = logging.getLogger()
     for h in [h for h in root.handlers if getattr(h, "_mm_handler", False)]:

@@ -40,7 +40,8 @@ from mm.training import checkpointing as ckpt
 from mm.training.clipping import AdaptiveGradClipper, TooManyBadSteps
 from mm.training.ema_adamw import ema_model_state_dict, fuse_inner_optimizers, make_ema_optimizer
 from mm.training.frozen import Features, FrozenEncoders
-from mm.training.metrics import PEAK_TFLOPS, SUVShape, mfu, peak_tflops_for, train_flops
+from mm.training.metrics import PEAK_TFLOPS, SUVShape, peak_tflops_for, train_flops
+from mm.training.observability import LogConfig, RunLog
 from mm.training.spikes import SpikeDetector
 from mm.training.watchdog import ProgressWatchdog, StopRequests, signal_name
 
@@ -70,7 +71,7 @@ def _is_rank0() -> bool:
 class Trainer:
     """Builds everything from (model spec, data config, run config) and trains."""
 
-    def __init__(self, spec: ModelSpec, data_cfg: DataConfig, run: RunConfig, *, tensorboard_dir: str | None = None,
+    def __init__(self, spec: ModelSpec, data_cfg: DataConfig, run: RunConfig, *, log_config: LogConfig | None = None,
                  peak_tflops: float | None = None, data_num_workers: int | None = None,
                  data_index: str | None = None):
         # the feature-cache switches may be set in the model JSON (upstream) or the data JSON: either one counts
@@ -152,17 +153,18 @@ class Trainer:
         self.i2v_generator = torch.Generator().manual_seed(tr.seed + 7919 + 104729 * self.ps.dp_rank)
         self.iteration = 0
         self.samples_seen = 0
+        # the run's numbers and their sinks (console line, train_log.jsonl, TensorBoard, W&B, run summary)
+        self.obs = RunLog(log_config or LogConfig(), rank=self.ps.rank, world_size=self.ps.world_size,
+                          device=self.device, save=ck.save, train_iters=tr.train_iters, log_interval=tr.log_interval,
+                          global_batch_size=tr.global_batch_size,
+                          config=json.loads(json.dumps({"run": dataclasses.asdict(run), "model": dataclasses.asdict(spec),
+                                                        "data": dataclasses.asdict(data_cfg)}, default=str)))
+        self._busy = self._data_wait = 0.0  # this rank's seconds in forward_step / waiting for data, this step
         if ck.load and ckpt.candidate_iterations(ck.load):
             self._load(ck.load)
         elif ck.load:  # resume_problems allowed it: --load = --save, the first start of a self-resuming run
             logger.info("--load %s (= --save) has no checkpoint yet: starting at iteration 0", ck.load)
 
-        self.tb = None
-        tb_dir = tensorboard_dir or (os.path.join(run.checkpoint.save, "tensorboard") if run.checkpoint.save else None)
-        if tb_dir and _is_rank0():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(tb_dir)
         self.peak_tflops = peak_tflops if peak_tflops is not None else self._known_peak_tflops()
         self.history: list[StepResult] = []
         self.watchdog: ProgressWatchdog | None = None  # armed inside train()
@@ -256,7 +258,9 @@ class Trainer:
         return entry[0], (entry[2] if len(entry) > 2 else None)
 
     def forward_step(self, data_iterator, model):
+        started = time.time()
         feats: Features = next(data_iterator)
+        self._data_wait += time.time() - started
         z0 = feats.latents.float()
         noised, condition = self._noise_once(feats, z0)
         x_in = noised.x if condition is None else torch.cat([noised.x, condition.to(noised.x.dtype)], dim=1)
@@ -269,6 +273,7 @@ class Trainer:
         self._micro_samples += z0.shape[0]
         self._latent_shape = tuple(z0.shape[2:])
         self._text_len = feats.text.shape[1]
+        self._busy += time.time() - started  # data + frozen encoders + this forward: the rank-local work
 
         def loss_func(output):
             loss = flow_matching_loss(output, target, feats.video_mask)
@@ -283,6 +288,7 @@ class Trainer:
 
         t0 = time.time()
         self._micro_samples = 0
+        self._busy = self._data_wait = 0.0
         for ddp in self.ddps:
             ddp.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -350,22 +356,33 @@ class Trainer:
         try:
             self._train_loop(stops)
             self._end_summary(first)
+        except BaseException as e:  # no collective from here: the other ranks may be gone
+            self._run_summary("fault", f"{type(e).__name__}: {e}", getattr(self, "_last_bad", self._bad_before))
+            raise
         finally:
             self.watchdog.close()
             self.watchdog = None
             if stops:
                 stops.restore()
-        if self.tb:
-            self.tb.flush()
+        reason = self.stop_reason
+        ended = "finished" if reason is None else "preempted" if reason.startswith("received SIG") else "stopped"
+        self._run_summary(ended, reason, self._bad_samples())
         return self.history
+
+    def _run_summary(self, ended: str, reason: str | None, bad: dict[str, int]) -> None:
+        """``<save>/run_summary.json`` / ``.md`` (rank 0): how the run went and how it ended."""
+        self.obs.summary(iteration=self.iteration, ended=ended, reason=reason, skipped=self.clipper.num_skipped,
+                         rollbacks=self.rollbacks, bad=bad, flops_per_step=self._flops_per_step(),
+                         peak_tflops=self.peak_tflops)
+        if self.obs.tb:
+            self.obs.tb.flush()
 
     def _train_loop(self, stops: StopRequests | None) -> None:
         tr, ck = self.run.training, self.run.checkpoint
         self._feature_iter = self._features()
         if self.spikes is not None and not ckpt.candidate_iterations(ck.save):
             self.save()  # a state to roll back to before the first cadence save
-        started = interval_t0 = time.time()
-        interval_steps = 0
+        started = time.time()
         while self.iteration < tr.train_iters:
             self._beat("the training step (data loading, forward/backward, DDP gradient reduce over DP)")
             for _ in range(self._skip_batches.get(self.iteration + 1, 0) * self.num_microbatches):
@@ -380,10 +397,9 @@ class Trainer:
                 self._rollback(res)
                 continue
             self.history.append(res)
-            interval_steps += 1
-            if res.iteration % tr.log_interval == 0 or res.iteration == tr.train_iters:
-                self._log(res, (time.time() - interval_t0) / interval_steps)
-                interval_t0, interval_steps = time.time(), 0
+            self.obs.step(res.iteration, res.loss, res.action, res.step_time, self._busy, self._data_wait)
+            if self.obs.due(res.iteration):
+                self._log(res)
             saved = bool(ck.save and (res.iteration % ck.save_interval == 0 or res.iteration == tr.train_iters))
             if saved:
                 self.save()
@@ -448,42 +464,24 @@ class Trainer:
             return f"--exit-duration-in-mins {tr.exit_duration_in_mins:g} reached"
         return None
 
-    def _log(self, res: StepResult, avg_step: float) -> None:
-        gbs = self.run.training.global_batch_size
+    def _flops_per_step(self) -> float | None:
+        """Model FLOPs of one optimizer step (None before the first micro-batch fixed the shapes)."""
+        if not hasattr(self, "_latent_shape"):
+            return None
         shape = self.model.suv_config
-        flops = train_flops(SUVShape(tuple(shape.num_layers), tuple(shape.effective_sparse_n()), shape.hidden_size,
-                                     shape.timestep_embed_dim, shape.patch_size, shape.patch_size_t),
-                            self._latent_shape, self._text_len, gbs)
-        tflops = flops / avg_step / self.ps.world_size / 1e12
-        m = mfu(flops, avg_step, self.ps.world_size, self.peak_tflops)
-        c = self.clipper
-        thr = getattr(getattr(self, "_last_clip", None), "threshold", math.nan)
+        return train_flops(SUVShape(tuple(shape.num_layers), tuple(shape.effective_sparse_n()), shape.hidden_size,
+                                    shape.timestep_embed_dim, shape.patch_size, shape.patch_size_t),
+                           self._latent_shape, self._text_len, self.run.training.global_batch_size)
+
+    def _log(self, res: StepResult) -> None:
+        """Collective (bad-sample counts, per-rank memory): every rank calls it at the same iterations."""
         bad = self._bad_samples()
-        if _is_rank0():
-            logger.info(
-                "iter %6d/%d | loss %.5f | lr %.3e | grad norm %.4f | clip thr %.4f | %s | skipped %d | "
-                "step %.2fs | %.2f samples/s | %.3g TFLOP/s/device | MFU %s | bad samples %s",
-                res.iteration, self.run.training.train_iters, res.loss, res.lr, res.grad_norm, thr, res.action,
-                c.num_skipped, avg_step, gbs / avg_step, tflops, f"{100 * m:.1f}%" if m is not None else "n/a",
-                _count_text(bad),
-            )
-            if self.run.checkpoint.save:  # machine-readable history next to the checkpoints
-                os.makedirs(self.run.checkpoint.save, exist_ok=True)
-                with open(os.path.join(self.run.checkpoint.save, "train_log.jsonl"), "a") as f:
-                    f.write(json.dumps({"iteration": res.iteration, "loss": res.loss, "lr": res.lr,
-                                        "grad_norm": res.grad_norm, "action": res.action, "step_time": avg_step,
-                                        "samples_per_s": gbs / avg_step, "skipped": c.num_skipped,
-                                        "bad_samples": bad, "rollbacks": self.rollbacks}) + "\n")
-            if self.tb:
-                for k, v in (("loss", res.loss), ("lr", res.lr), ("grad_norm", res.grad_norm), ("clip_threshold", thr),
-                             ("skipped_steps", c.num_skipped), ("step_time", avg_step),
-                             ("samples_per_s", gbs / avg_step), ("tflops_per_device", tflops)):
-                    if v is not None and math.isfinite(v):
-                        self.tb.add_scalar(f"train/{k}", v, res.iteration)
-                self.tb.add_scalar("data/bad_samples", sum(bad.values()), res.iteration)
-                self.tb.add_scalar("train/rollbacks", self.rollbacks, res.iteration)
-                for reason, n in bad.items():
-                    self.tb.add_scalar(f"data/bad_samples/{reason}", n, res.iteration)
+        self._last_bad = bad
+        thr = getattr(getattr(self, "_last_clip", None), "threshold", math.nan)
+        self.obs.log(res.iteration, action=res.action, bad=bad, bad_text=_count_text(bad), lr=res.lr,
+                     grad_norm=res.grad_norm, clip_threshold=thr, skipped_total=self.clipper.num_skipped,
+                     consumed=self.samples_seen, rollbacks=self.rollbacks, flops_per_step=self._flops_per_step(),
+                     peak_tflops=self.peak_tflops)
 
     def _bad_samples(self) -> dict[str, int]:
         """Bad samples replaced so far, per reason: each counted once per data shard, over all shards, including
@@ -524,8 +522,8 @@ class Trainer:
                  f"bad samples replaced: {_count_text(bad)}"]
         lines += [f"  {reason}: e.g. {path}" for reason, path in sorted(seen.items())]
         logger.info("run summary\n  " + "\n  ".join(lines))
-        if self.tb:
-            self.tb.add_text("run_summary", "\n".join(lines), self.iteration)
+        if self.obs.tb:
+            self.obs.tb.add_text("run_summary", "\n".join(lines), self.iteration)
 
     def _summary(self, build_seconds: float) -> None:
         # TP-split parameters exist tp_size times over the group; replicated ones once
@@ -588,8 +586,10 @@ class Trainer:
         ema = ema_model_state_dict(self.optimizer, self.model)
         meta = {"iteration": self.iteration, "use_distributed_optimizer": self.run.optimizer.use_distributed_optimizer,
                 "world_size": self.ps.world_size}
-        ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self._common_state(),
-                             keep_last=ck.keep_last, ema_weights=ema, generators=self._generators(), meta=meta)
+        with self.obs.timed("checkpoint_save"):
+            ckpt.save_checkpoint(ck.save, self.iteration, self.model, self.optimizer, self._common_state(),
+                                 keep_last=ck.keep_last, ema_weights=ema, generators=self._generators(), meta=meta)
+        self.obs.checkpoints.append(self.iteration)
 
     def _load(self, root: str, rollback: bool = False) -> None:
         """Resume from ``root`` as the load flags say; ``rollback`` restores everything (a spike rollback)."""
@@ -597,9 +597,10 @@ class Trainer:
         if rollback:
             ck = dataclasses.replace(ck, load_optim=True, load_rng=True, finetune=False)
         with_optim = ck.load_optim and not ck.finetune
-        it, common = ckpt.load_checkpoint(root, self.model, self.optimizer if with_optim else None,
-                                          load_rng=ck.load_rng and not ck.finetune, generators=self._generators(),
-                                          fallback=ck.fallback)
+        with self.obs.timed("checkpoint_load"):
+            it, common = ckpt.load_checkpoint(root, self.model, self.optimizer if with_optim else None,
+                                              load_rng=ck.load_rng and not ck.finetune, generators=self._generators(),
+                                              fallback=ck.fallback)
         if not with_optim:
             self._restart_optimizer_from_weights()
         else:  # loaded param groups carry the saving run's kernel choice (fused/foreach): this device's wins
@@ -650,5 +651,4 @@ class Trainer:
                         state[EMA_KEY].copy_(p.detach())
 
     def close(self) -> None:
-        if self.tb:
-            self.tb.close()
+        self.obs.close()

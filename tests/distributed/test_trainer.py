@@ -179,7 +179,7 @@ def test_torchrun_entry_point_smoke(ws, tmp_path):
     env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1")
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "iter      2/2" in out.stdout
+    assert "iteration        2/       2 |" in out.stdout
     assert "accepted but inert" in out.stdout + out.stderr
     assert (ckpt / "iter_0000002").is_dir() and (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     log = [json.loads(line) for line in (ckpt / "train_log.jsonl").read_text().splitlines()]

@@ -61,9 +61,9 @@ def test_bad_sample_logged_once_and_counted_everywhere(tmp_path):
     lines = run_distributed(_train_with_a_bad_clip, 1, args=(ws, root), timeout=240)[0]
     mentions = [ln for ln in lines if "clip_00001" in ln and not ln.startswith("run summary")]
     assert len(mentions) == 1, mentions  # before: logged by the worker and by the loader, every epoch
-    iters = [ln for ln in lines if ln.startswith("iter ")]
-    assert len(iters) == 8 and all("| bad samples " in ln for ln in iters)
-    assert "| bad samples 1 (corrupt_video 1)" in iters[-1]
+    iters = [ln for ln in lines if ln.startswith("iteration ")]
+    assert len(iters) == 8 and all("| bad samples: " in ln for ln in iters)
+    assert "| bad samples: 1 (corrupt_video 1) |" in iters[-1]
     log = [json.loads(ln) for ln in (Path(root) / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["bad_samples"] == {"corrupt_video": 1}
     summary = next(ln for ln in lines if ln.startswith("run summary"))

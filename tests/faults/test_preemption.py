@@ -115,7 +115,7 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(ws, tmp_path):
         before = []
         for line in agent.stdout:  # until the workers train
             before.append(line)
-            if "iter      1/100000" in line:
+            if "iteration        1/  100000 |" in line:
                 break
         workers = psutil.Process(agent.pid).children()
         assert len(workers) == 2
