@@ -64,17 +64,18 @@ class SimulatedRank:
     cp_rank: int
     cp_group: SimulatedGroup
     sequence_parallel: bool
+    cp_ulysses_size: int | None = None  # the Ulysses part of CP (None: all of it); ring CP splits no heads
 
 
 def per_tp_rank_params(spec, tp: int, cp: int, sequence_parallel: bool, params_dtype,
-                       block_range: tuple[int, int] | None = None) -> list[int]:
+                       block_range: tuple[int, int] | None = None, ulysses: int | None = None) -> list[int]:
     """Parameters held by each TP rank (every CP / DP rank with the same TP rank holds the same ones), of the
     whole SUV or of the pipeline chunk over ``block_range``."""
     from mm.models.sparse_ummdit import SparseUMMDiT
 
     counts = []
     for r in range(tp):
-        sim = SimulatedRank(tp, r, SimulatedGroup(tp, r), cp, 0, SimulatedGroup(cp, 0), sequence_parallel)
+        sim = SimulatedRank(tp, r, SimulatedGroup(tp, r), cp, 0, SimulatedGroup(cp, 0), sequence_parallel, ulysses)
         model = SparseUMMDiT(spec.suv_config(), sim, params_dtype, device="meta", block_range=block_range)
         counts.append(sum(p.numel() for p in model.parameters()))
     return counts
@@ -98,14 +99,15 @@ def dry_run(spec, data_cfg, run, world_size: int) -> int:
     facts = plan.model_facts(spec)
     stage_plan = None
     if pp == 1:
-        counts = per_tp_rank_params(spec, tp, cp, sp, dtype)
+        counts = per_tp_rank_params(spec, tp, cp, sp, dtype, ulysses=par.ulysses_size)
         assert sum(counts) - (tp - 1) * facts.replicated_params == facts.total_params, (counts, facts)
     else:  # the trainer's stage cuts (cost model or --pipeline-stage-blocks) and each stage's chunk
         thw, text_len = pipeline.data_latent_shape(data_cfg)
         chunks = pp * (par.virtual_pipeline_model_parallel_size or 1)
         blocks = pipeline.resolve_stage_blocks(spec.suv_config(), chunks, par.pipeline_stage_blocks, thw, text_len)
         stage_plan = pipeline.stage_plan_text(spec.suv_config(), blocks, pp, thw, text_len)
-        stage_counts = [per_tp_rank_params(spec, tp, cp, sp, dtype, r) for r in pipeline.block_ranges(blocks)]
+        stage_counts = [per_tp_rank_params(spec, tp, cp, sp, dtype, r, par.ulysses_size)
+                        for r in pipeline.block_ranges(blocks)]
     layout, work = plan.Layout.of_run(run, world_size), plan.Workload.of_run(data_cfg, run)
     rc, layers = layout.recompute, layout.recompute_layers
     any_device = plan.DEVICES["h100"]  # the memory estimate does not depend on the device

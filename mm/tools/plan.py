@@ -220,8 +220,10 @@ class Layout:
         tp, cp, pp = par.tensor_model_parallel_size, par.context_parallel_size, par.pipeline_model_parallel_size
         rc = tr.recompute_granularity or "none"
         layers = tr.selective_recompute_ffn_layers if rc == "selective" else tr.recompute_num_layers
-        algo = {"ulysses_cp_algo": "ulysses", "megatron_cp_algo": "ring", "hybrid_cp_algo": "hybrid"}[
-            par.context_parallel_algo]
+        # skiparse_cp_algo is planned as its fallback for dense blocks, the ring (no head limit); its sparse
+        # stages move less (bench/cp_comm.py)
+        algo = {"ulysses_cp_algo": "ulysses", "megatron_cp_algo": "ring", "hybrid_cp_algo": "hybrid",
+                "skiparse_cp_algo": "ring"}[par.context_parallel_algo]
         return cls(tp=tp, cp=cp, dp=world_size // (tp * cp * pp), pp=pp, sequence_parallel=par.sequence_parallel and tp > 1,
                    distributed_optimizer=run.optimizer.use_distributed_optimizer, recompute=rc,
                    recompute_layers=layers if rc != "none" else None, cp_algorithm=algo,
