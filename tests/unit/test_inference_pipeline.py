@@ -128,7 +128,7 @@ class FakeDiT(torch.nn.Module):
 
     def __init__(self, in_channels=32, fail_at=None):
         super().__init__()
-        self.suv_config = type("C", (), {"in_channels": in_channels})()
+        self.suv_config = type("C", (), {"in_channels": in_channels, "conditioning": None})()  # a T2V DiT
         self.params_dtype = torch.float16
         self.calls = []
         self.fail_at = fail_at
