@@ -191,4 +191,4 @@ def test_torchrun_cfg_parallel_writes_the_one_process_videos(paths, tmp_path):
         stats.append((name, diff.mean(), diff.max(), (diff > 0).mean()))
     # measured: samples 0 and 2 bitwise, sample 1 mean 0.07 grey levels (4% of the pixels, at most 7 levels)
     assert all(mean < 0.5 for _, mean, _, _ in stats), stats
-    assert sum(mean == 0 for _, mean, _, _ in stats) >= 1, stats  # and most frames stay bitwise
+    assert sum(mean == 0 for _, mean, _, _ in stats) >= 1, stats  # and a sample away from rounding edges is bitwise
