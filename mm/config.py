@@ -137,9 +137,6 @@ class ParallelConfig:
                   f"a divisor of context_parallel_size {cp} for hybrid_cp_algo: one of {divisors}")
         else:
             check(u is None, "ulysses_degree_in_cp", u, "unset unless context_parallel_algo is hybrid_cp_algo")
-        check(self.context_parallel_algo != "skiparse_cp_algo" or not self.sequence_parallel or cp == 1,
-              "sequence_parallel", self.sequence_parallel, "False with skiparse_cp_algo at CP > 1 (it re-shards "
-              "whole tokens over CP; use megatron_cp_algo or ulysses_cp_algo with sequence parallelism)")
         b = self.pipeline_stage_blocks
         chunks = self.pipeline_model_parallel_size * (v or 1)
         check(b is None or (isinstance(b, (list, tuple)) and len(b) == chunks

@@ -7,7 +7,8 @@ layout* of that (k, pattern)), so the block's video attention needs no communica
 (short) is all-gathered for the keys, and the mean of the k caption outputs is a reduce-scatter.
 
 The video hidden state stays in a layout from block to block and is re-sharded (one all-to-all of
-``[L'/CP, B, D]`` per rank) only where the layout changes: single <-> group inside a stage, stage ends
+``[L'/CP, B, D]`` per rank; under sequence parallelism between a TP all-gather and a split) only where the
+layout changes: single <-> group inside a stage, stage ends
 (skips and pipeline boundaries use the contiguous *chunk layout*), dense stages and stages where CP does
 not divide k (they run Ulysses or ring attention on contiguous chunks). Ulysses moves q, k, v and the output
 (4 tensors of that size) in every block.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from mm.distributed.context_parallel import CPContext
+from mm.distributed.tp_layers import TPContext, gather_sequence, scatter_sequence
 from mm.models import skiparse
 
 
@@ -79,16 +81,21 @@ def _plan(length: int, cp_size: int, src: Layout, dst: Layout) -> tuple[torch.Te
     return torch.stack(send), recv
 
 
-def reshard(x: torch.Tensor, src: Layout, dst: Layout, cp: CPContext) -> torch.Tensor:
+def reshard(x: torch.Tensor, src: Layout, dst: Layout, cp: CPContext, tp: TPContext | None = None) -> torch.Tensor:
     """``[L'/CP, B, ...]`` held in layout ``src`` -> the same tokens held in layout ``dst`` (all-to-all over the
-    CP group; differentiable)."""
+    CP group; differentiable). Under sequence parallelism ``x`` is this TP rank's slice ``[L'/(CP*TP), B, ...]``
+    of the rank's token list: it is all-gathered over TP first (replicated downstream: backward splits) and
+    sliced again after."""
     if src == dst or cp.size == 1:
         return x
     from megatron.core.tensor_parallel import mappings
 
+    if tp is not None:
+        x = gather_sequence(x, tp)
     send, recv = _plan(x.shape[0] * cp.size, cp.size, src, dst)
     out = mappings.all_to_all(cp.group, x.index_select(0, send[cp.rank].to(x.device)))
-    return out.index_select(0, recv[cp.rank].to(x.device))
+    out = out.index_select(0, recv[cp.rank].to(x.device))
+    return scatter_sequence(out, tp) if tp is not None else out
 
 
 def gather_text(x: torch.Tensor, cp: CPContext) -> torch.Tensor:

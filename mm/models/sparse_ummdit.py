@@ -383,17 +383,17 @@ class SparseUMMDiT(nn.Module):
             if s > mid and i == 0:  # decoder: fuse the mirrored encoder stage's output (stage mid+j+1 <-> mid-j-1)
                 j = s - mid - 1
                 xs, ys = skips.pop()
-                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp), skiparse_cp.CHUNK
+                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp, tp), skiparse_cp.CHUNK
                 x = self.skip_norm_linear[j](torch.cat([x, xs], dim=-1))
                 y = self.skip_norm_linear_enc[j](torch.cat([y, ys], dim=-1))
             block = self.transformer_blocks[s][i]
             want = skiparse_cp.block_layout(block.sparse_k, block.group_skip, cp)
-            x, layout = skiparse_cp.reshard(x, layout, want, cp), want
+            x, layout = skiparse_cp.reshard(x, layout, want, cp, tp), want
             x, y = block(x, y, cond, ctx)
             if s < mid and i == cfg.num_layers[s] - 1:
-                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp), skiparse_cp.CHUNK
+                x, layout = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp, tp), skiparse_cp.CHUNK
                 skips.append((x, y))
-        x = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp)  # stage boundaries and the output: chunks
+        x = skiparse_cp.reshard(x, layout, skiparse_cp.CHUNK, cp, tp)  # stage boundaries and the output: chunks
         if not self.post_process:
             return StageState(x, y, skips)
 

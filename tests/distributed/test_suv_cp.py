@@ -26,7 +26,7 @@ CASES = {
     # tiny sparse_n [1, 2, 4, 4, 4, 2, 1]: at CP 2 every sparse stage keeps whole sub-sequences (dense: Ulysses);
     # at CP 4 the k = 4 stages do, the k = 2 and dense ones run the ring (2 heads)
     "skiparse2": ("skiparse_cp_algo", 2, None, 1, False, 2, 3, 10, 5),
-    "skiparse2_tp2": ("skiparse_cp_algo", 2, None, 2, False, 4, 3, 10, 5),
+    "skiparse2_tp2_sp": ("skiparse_cp_algo", 2, None, 2, True, 4, 3, 10, 5),
     "skiparse4": ("skiparse_cp_algo", 4, None, 1, False, 2, 3, 10, 5),
 }
 

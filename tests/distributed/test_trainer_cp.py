@@ -84,8 +84,8 @@ def test_torchrun_ring_cp2_logs_the_cp1_losses(ws, reference, tmp_path):
     (["--context-parallel-size", "2", "--context-parallel-algo", "hybrid_cp_algo", "--ulysses-degree-in-cp", "3"],
      2, "ulysses_degree_in_cp=3"),
     (["--context-parallel-size", "8"], 8, "--context-parallel-size 8 = 8 does not divide the model's 4 attention heads"),
-    (["--context-parallel-size", "2", "--context-parallel-algo", "skiparse_cp_algo", "--tensor-model-parallel-size",
-      "2", "--sequence-parallel"], 4, "False with skiparse_cp_algo"),
+    (["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo", "--ulysses-degree-in-cp", "2"],
+     2, "unset unless context_parallel_algo is hybrid_cp_algo"),
 ])
 def test_bad_cp_flags_are_one_error_line(ws, capsys, monkeypatch, extra, world, words):
     import pretrain_sora

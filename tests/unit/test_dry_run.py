@@ -79,9 +79,8 @@ def test_world_size_goes_with_dry_run(video4_flags):
 @pytest.mark.parametrize("algo", ["megatron_cp_algo", "skiparse_cp_algo"])
 def test_ring_cp_beyond_the_head_limit(video4_flags, algo):
     """TP 4 x CP 8 = 32 does not divide the 24 heads: Ulysses cannot, the ring (and skiparse CP, whose dense
-    blocks then run the ring; without SP) can."""
-    flags = [f for f in video4_flags if algo != "skiparse_cp_algo" or f != "--sequence-parallel"]
-    argv = flags + ["--dry-run", "--world-size", "1024", "--context-parallel-size", "8"]
+    blocks then run the ring) can, with the recipe's TP 4 + SP."""
+    argv = video4_flags + ["--dry-run", "--world-size", "1024", "--context-parallel-size", "8"]
     code, out, err = _main(argv + ["--context-parallel-algo", algo])
     assert code == 0, err
     assert "world 1024 = TP 4 x PP 1 x CP 8 x DP 32" in out and "configuration valid" in out
