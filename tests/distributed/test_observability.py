@@ -107,8 +107,8 @@ def test_wandb_offline_run_has_the_tensorboard_scalars_and_the_config(run):
     history = {}
     for r in records:
         if r.WhichOneof("record_type") == "history":
-            row = {i.key: json.loads(i.value_json) for i in r.history.item}
-            history[row["_step"]] = row
+            history[r.history.step.num] = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                                           for i in r.history.item}
     assert sorted(history) == [1, 2, 3, 4]
     events = EventAccumulator(str(run["save"] / "tensorboard"))
     events.Reload()
