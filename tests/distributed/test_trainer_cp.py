@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from harness import run_distributed
-from tiny_workspace import ROOT, make_workspace
+from tiny_workspace import ROOT, make_workspace, tiny_trainer
 
 ITERS = 2
 
@@ -24,17 +24,7 @@ def ws(tmp_path_factory):
 
 
 def _train(rank, world, ws, par: dict):
-    from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
-    from mm.config_upstream import load_data_config, load_model_json
-    from mm.training.trainer import Trainer
-
-    run = RunConfig(
-        parallel=ParallelConfig(**par),
-        optimizer=OptimizerConfig(lr=1e-3, min_lr=1e-3),
-        training=TrainingConfig(micro_batch_size=1, global_batch_size=1, train_iters=ITERS, seed=1234),
-        checkpoint=CheckpointConfig(save=None),
-    )
-    t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
+    t = tiny_trainer(ws, gbs=1, iters=ITERS, distopt=False, parallel=par)
     assert t.ps.dp_size == 1
     return [(r.loss, r.grad_norm) for r in t.train()]
 
