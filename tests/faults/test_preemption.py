@@ -6,10 +6,12 @@ progress is ended by its watchdog naming the phase; workers exit when their torc
 from __future__ import annotations
 
 import os
+import queue
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -111,12 +113,15 @@ def test_workers_exit_when_the_torchrun_agent_is_killed(ws, tmp_path):
     env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     err = open(tmp_path / "stderr", "w")
     agent = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(ln) for ln in agent.stdout], daemon=True).start()
     try:
         before = []
-        for line in agent.stdout:  # until the workers train
-            before.append(line)
-            if "iteration        1/  100000 |" in line:
-                break
+        while not any("iteration        1/  100000 |" in ln for ln in before):  # until the workers train
+            try:
+                before.append(lines.get(timeout=240))
+            except queue.Empty:
+                pytest.fail("no first iteration after 240 s without output:\n" + "".join(before)[-3000:])
         workers = psutil.Process(agent.pid).children()
         assert len(workers) == 2
         os.kill(agent.pid, signal.SIGKILL)
