@@ -7,7 +7,9 @@ Phases (each a real user-facing command, run as a subprocess so the output is wh
 3. features  ``python -m mm.data.extract_features``: cache the frozen encoders' outputs once
 4. train     ``torchrun --nproc_per_node 2 pretrain_sora.py``: tiny SUV from the cache, TP=2 + SP on gloo
 5. infer     ``torchrun --nproc_per_node 2 inference_sora.py``: batch inference on the demo prompts
-6. evaluate  colour agreement of every clip with its prompt, a loss-curve PNG and ``summary.md``
+6. i2v       ``python -m checkpoint_tools to-i2v``, a short I2V fine-tune, clips from held-out first frames
+             (:mod:`mm.demo_i2v`: frame-0 PSNR against the given image + colour agreement)
+7. evaluate  colour agreement of every clip with its prompt, a loss-curve PNG and ``summary.md``
 
 Everything lands in ``outputs/demo/`` (``--out``). ``--quick`` runs a few steps of each phase (the CI test).
 """
@@ -25,9 +27,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 FULL = dict(clips=48, frames=17, size=64, vae_steps=800, train_iters=2000, batch=4, lr=1e-3, infer_steps=24,
-            prompts=12, text_len=16, save_interval=500)
+            prompts=12, text_len=16, save_interval=500, i2v_iters=300, i2v_prompts=6)
 QUICK = dict(clips=4, frames=9, size=32, vae_steps=3, train_iters=2, batch=2, lr=1e-3, infer_steps=2, prompts=2,
-             text_len=16, save_interval=2)
+             text_len=16, save_interval=2, i2v_iters=2, i2v_prompts=2)
 PROMPTS = ["a red square moving right", "a blue circle moving up", "a green triangle moving left",
            "a yellow square moving down", "a purple circle moving right", "an orange triangle moving up",
            "a red circle moving down", "a blue triangle moving right", "a green square moving up",
@@ -109,7 +111,7 @@ def main(argv=None) -> int:
     times: dict[str, float] = {}
 
     def phase(name: str, title: str):
-        print(f"\n=== [{len(times) + 1}/6] {title}", flush=True)
+        print(f"\n=== [{len(times) + 1}/7] {title}", flush=True)
         times[name] = time.time()
 
     t_all = time.time()
@@ -155,6 +157,12 @@ def main(argv=None) -> int:
           "--tensor-model-parallel-size", "2", "--sequence-parallel", "--seed", "0"], logs / "infer.log", env_2proc)
     times["infer"] = time.time() - times["infer"]
 
+    phase("i2v", "image-to-video: T2V -> I2V checkpoint, short I2V fine-tune (TP=2 + SP), held-out first frames")
+    from mm.demo_i2v import run_i2v_phase
+
+    i2v = run_i2v_phase(out, paths, ckpt, p, _run, py, torchrun, env, env_2proc)
+    times["i2v"] = time.time() - times["i2v"]
+
     phase("evaluate", "colour agreement, loss curve, summary")
     from mm.inference.colour_agreement import colour_agreement
 
@@ -162,6 +170,10 @@ def main(argv=None) -> int:
     for r in rows:
         print(f"  {'ok  ' if r['agree'] else 'MISS'} {r['prompt']!r}: found {r['found']}")
     print(f"  colour agreement: {score:.2f} over {len(rows)} prompts (chance 0.17)")
+    i2v_line = (f"I2V: frame-0 PSNR {i2v['psnr_frame0']:.1f} dB against the conditioning image, colour agreement "
+                f"{i2v['colour_agreement']:.2f} over {len(i2v['clips'])} held-out first frames "
+                f"({p['i2v_iters']} I2V fine-tune iterations)")
+    print("  " + i2v_line)
     history = _loss_curve(ckpt / "train_log.jsonl", out / "loss_curve.png")
     times["evaluate"] = time.time() - times["evaluate"]
     total = time.time() - t_all
@@ -172,6 +184,7 @@ def main(argv=None) -> int:
         f"{p['clips']} synthetic clips ({p['frames']}x{p['size']}x{p['size']}); tiny WFVAE fitted for "
         f"{p['vae_steps']} steps.", "",
         f"**Colour agreement: {score:.2f}** over {len(rows)} prompts (chance {1 / 6:.2f}).", "",
+        f"**{i2v_line}** (`i2v_metrics.json`).", "",
         f"Loss: first logged {history[0]['loss']:.4f}, last {history[-1]['loss']:.4f} (`loss_curve.png`).", "",
         "| phase | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in times.items()], f"| total | {total:.0f} |",
         "", "Files:", "",

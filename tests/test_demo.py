@@ -17,9 +17,12 @@ def test_quick_demo_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "mm.demo", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
-    for phase in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]"):
+    for phase in ("[1/7]", "[2/7]", "[3/7]", "[4/7]", "[5/7]", "[6/7]", "[7/7]"):
         assert phase in r.stdout
     assert "colour agreement:" in r.stdout
+    assert "I2V: frame-0 PSNR" in r.stdout
+    i2v = json.loads((out / "i2v_metrics.json").read_text())
+    assert len(i2v["clips"]) == 2 and i2v["psnr_frame0"] > 0 and 0.0 <= i2v["colour_agreement"] <= 1.0
     clips = sorted(p.name for p in (out / "samples").glob("*.mp4"))
     assert len(clips) == 2 and all((out / "samples" / c).with_suffix(".json").exists() for c in clips)
     score = json.loads((out / "colour_agreement.json").read_text())["score"]
