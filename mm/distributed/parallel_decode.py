@@ -9,7 +9,8 @@ shape, are all-gathered round by round over the replica group and every rank ble
 order, which is the one-rank tiled decode's arithmetic in the same order: the result is bitwise equal.
 
 Memory per rank: the local part's activations of ``ceil(num_tiles / R)`` tiles instead of all of them
-(the local part dominates at high resolution), plus one decoded chunk of full frames (as one rank).
+(the local part dominates at high resolution), plus, for one temporal chunk, the gathered RGB outputs of
+every tile (about the chunk's frames times the tiles' overlap factor) and the blended chunk.
 """
 
 from __future__ import annotations

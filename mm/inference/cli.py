@@ -139,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--parallel-vae-decode", action="store_true",
                    help="with --spatial-tiling: spread the tiles over the ranks of the replica (output equal to the "
                         "one-rank tiled decode); per rank the decoder's tiled part holds ceil(tiles / ranks) "
-                        "tiles' activations instead of all, plus one decoded chunk of full frames")
+                        "tiles' activations instead of all, plus one temporal chunk's RGB tile outputs (gathered) and "
+                        "frames")
     return p
 
 
