@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,6 +26,7 @@ from mm.inference.pipeline import OpenSoraPlanPipeline, SamplingConfig
 from mm.inference.prompts import negative_text, output_stem, positive_text, shard
 from mm.inference.video_io import (GRID_STEM, grid_frames, is_complete, media_path, read_video, sidecar_path,
                                    write_json, write_sample)
+from mm.training.observability import write_inference_summary
 
 logger = logging.getLogger(__name__)
 
@@ -174,10 +176,19 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
                position=dp_rank, disable=not (writer and out.progress), dynamic_ncols=True, mininterval=1.0)
     num_todo = sum(map(len, todo))
     bar.set_postfix_str(f"samples 0/{num_todo}")
+    started = time.time()
+    denoise_s = 0.0  # up to the last denoising step of each batch (text encoding included, decoding not)
+
+    def on_step(step, total):
+        nonlocal denoise_s
+        bar.update(1)
+        if step == total:  # callback(i + 1, num_steps) after each step
+            denoise_s += time.time() - batch_started
+
     for batch in todo:
+        batch_started = time.time()
         result = pipeline([prompts[i] for i in batch], cfg, [out.seed + i for i in batch], decode=decode,
-                          callback=lambda step, total: bar.update(1),
-                          images=[images[i] for i in batch] if images is not None else None)
+                          callback=on_step, images=[images[i] for i in batch] if images is not None else None)
         if writer:
             for j, i in enumerate(batch):
                 media = write_sample(stems[i], result.videos[j], out.fps)
@@ -191,6 +202,7 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
         summary.generated += batch
         bar.set_postfix_str(f"samples {len(summary.generated)}/{num_todo}")
     bar.close()
+    seconds = time.time() - started
     if out.grid:
         if parallel is not None and parallel.world_size > 1:
             dist.barrier()  # every replica's samples are on disk (world group)
@@ -199,6 +211,9 @@ def generate_videos(pipeline: OpenSoraPlanPipeline, prompts: Sequence[str], cfg:
     if writer:
         logger.info("replica %d/%d: generated %d, skipped %d, outputs in %s", dp_rank + 1, dp_size,
                     len(summary.generated), len(summary.skipped), os.fspath(save))
+    write_inference_summary(os.fspath(save), prompts=len(prompts), generated=summary.generated,
+                            skipped=summary.skipped, writer=writer, seconds=seconds, denoise_seconds=denoise_s,
+                            steps=cfg.num_inference_steps, batches=len(todo), device=pipeline.device)
     return summary
 
 

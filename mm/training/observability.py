@@ -335,9 +335,55 @@ def _markdown(r: dict) -> str:
         f"TFLOP/s/device, MFU " + (f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"),
         f"- skipped steps: {r['skipped_steps']}; loss-spike rollbacks: {r['rollbacks']}",
         "- bad samples: " + (", ".join(f"{k} {v}" for k, v in sorted(r["bad_samples"].items())) or "none"),
-        f"- checkpoints written: {', '.join(map(str, r['checkpoints_written'])) or 'none'}",
-        "", "| rank | peak allocated GiB | peak reserved GiB | RSS GiB |", "| --- | --- | --- | --- |",
+        f"- checkpoints written: {', '.join(map(str, r['checkpoints_written'])) or 'none'}", "",
     ]
-    lines += [f"| {i} | {_num(m['peak_allocated_gib'], '.2f')} | {_num(m['peak_reserved_gib'], '.2f')} | "
-              f"{_num(m['rss_gib'], '.2f')} |" for i, m in enumerate(r["peak_memory_gib_per_rank"])]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _memory_table(r["peak_memory_gib_per_rank"])) + "\n"
+
+
+def _memory_table(per_rank: list[dict]) -> list[str]:
+    return ["| rank | peak allocated GiB | peak reserved GiB | RSS GiB |", "| --- | --- | --- | --- |"] + [
+        f"| {i} | {_num(m['peak_allocated_gib'], '.2f')} | {_num(m['peak_reserved_gib'], '.2f')} | "
+        f"{_num(m['rss_gib'], '.2f')} |" for i, m in enumerate(per_rank)]
+
+
+def write_inference_summary(save: str, *, prompts: int, generated: list[int], skipped: list[int], writer: bool,
+                            seconds: float, denoise_seconds: float, steps: int, batches: int,
+                            device: torch.device) -> dict | None:
+    """``<save>/logs/inference_summary.json`` / ``.md`` of a batch inference run, written by global rank 0 (a
+    subfolder: the sample folder holds only media and their sidecars). Collective over the world group: every
+    rank's counts, timings and peak memory are gathered. ``seconds``: this rank's generation loop (text
+    encoding, denoising, decoding, writing); ``denoise_seconds``: up to the last denoising step of each batch."""
+    mine = {"writer": writer, "generated": len(generated), "skipped": len(skipped), "seconds": seconds,
+            "denoise_seconds": denoise_seconds, "steps": steps * batches, **peak_memory(device)}
+    rows = [mine]
+    if dist.is_initialized():
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, mine)
+        if dist.get_rank() != 0:
+            return None
+    replicas = [r for r in rows if r["writer"]]  # one writer per replica: its counts are the replica's
+    working = [r for r in replicas if r["generated"]]
+    report = {
+        "prompts": prompts, "generated": sum(r["generated"] for r in replicas),
+        "skipped_already_complete": sum(r["skipped"] for r in replicas), "replicas": len(replicas),
+        "seconds_per_sample": (statistics.mean(r["seconds"] / r["generated"] for r in working) if working else None),
+        "seconds_per_denoising_step": (statistics.mean(r["denoise_seconds"] / r["steps"] for r in working)
+                                       if working else None),
+        "generation_wall_s": max(r["seconds"] for r in rows),
+        "peak_memory_gib_per_rank": [{k: (r[k] if math.isfinite(r[k]) else None) for k in MEMORY_KEYS}
+                                     for r in rows],
+    }
+    folder = os.path.join(save, "logs")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "inference_summary.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    lines = ["# Inference summary", "",
+             f"- prompts: {prompts}; generated {report['generated']}, skipped (already complete) "
+             f"{report['skipped_already_complete']}, over {report['replicas']} replica(s)",
+             f"- seconds per sample: {_num(report['seconds_per_sample'])} (text encoding, denoising, decoding, "
+             f"writing); per denoising step: {_num(report['seconds_per_denoising_step'])}",
+             f"- generation wall time: {report['generation_wall_s']:.1f} s", ""]
+    lines += _memory_table(report["peak_memory_gib_per_rank"])
+    with open(os.path.join(folder, "inference_summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return report
