@@ -5,15 +5,11 @@ chunks and re-sharded layouts cross the stage boundary) log the one-process loss
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from harness import run_distributed
-from tiny_workspace import ROOT, make_workspace, tiny_trainer
+from tiny_workspace import make_workspace, tiny_trainer
+from torchrun_training import torchrun_losses
 
 ITERS = 2
 
@@ -54,19 +50,9 @@ def test_cp_trains_like_one_process(ws, reference, par):
 
 
 def test_torchrun_ring_cp2_logs_the_cp1_losses(ws, reference, tmp_path):
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    save = tmp_path / "run"
-    cmd = [torchrun, "--nproc_per_node", "2", str(ROOT / "pretrain_sora.py"), "--mm-model", ws["model"],
-           "--mm-data", ws["data"], "--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo",
-           "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", str(ITERS), "--seed", "1234",
-           "--lr", "1e-3", "--min-lr", "1e-3", "--log-interval", "1", "--save", str(save), "--save-interval", "100",
-           "--data-num-workers", "0"]
-    env = dict(os.environ, MM_BACKEND="cpu", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "megatron_cp_algo, Ulysses 1 x ring 2" in proc.stderr + proc.stdout
-    with open(save / "train_log.jsonl") as f:
-        logged = [json.loads(line)["loss"] for line in f]
+    flags = ["--context-parallel-size", "2", "--context-parallel-algo", "megatron_cp_algo"]
+    logged, console = torchrun_losses(ws, 2, flags, tmp_path / "run", ITERS, 1)
+    assert "megatron_cp_algo, Ulysses 1 x ring 2" in console
     assert _close(logged, [loss for loss, _ in reference]), (logged, reference)
 
 
