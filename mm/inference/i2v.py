@@ -98,7 +98,8 @@ def check_request(conds: Sequence[ImageCondition], conditioning, num_frames: int
     used = [c for c in conds if c.first is not None]
     if used and conditioning is None:
         raise ValueError(f"conditioning image {used[0].first!r} given but the predictor has no I2V conditioning "
-                         "(add \"conditioning\": {\"type\": \"i2v\"} and I2V weights: python -m checkpoint_tools to-i2v)")
+                         "(add \"conditioning\": {\"type\": \"i2v\"} and I2V weights: "
+                         "python -m checkpoint_tools to-i2v)")
     if conditioning is not None:
         from mm.models.wfvae import SCALE_FACTOR
 

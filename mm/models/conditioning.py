@@ -143,5 +143,6 @@ def training_channels(z0: torch.Tensor, conditioning: I2VConditioning, generator
     latents ``z0 [B, C, t, h, w]`` -> extra input channels ``[B, C + ft, t, h, w]``. A one-latent-frame sample
     (an image) cannot carry a transition and takes ``first`` instead."""
     t, ft = z0.shape[2], conditioning.mask_channels
-    modes = [m if m != "transition" or t > 1 else "first" for m in draw_modes(z0.shape[0], conditioning.rates, generator)]
+    modes = draw_modes(z0.shape[0], conditioning.rates, generator)
+    modes = [m if m != "transition" or t > 1 else "first" for m in modes]
     return conditioning_channels(z0, latent_mask(modes, 1 + (t - 1) * ft, ft))
