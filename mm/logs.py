@@ -1,6 +1,7 @@
 """One logging set-up for every entry point: the same line format and timestamp, rank-aware, quiet libraries.
 
-* format ``2026-01-31 12:00:00 [rank 0] INFO mm.train: ...`` everywhere (``setup_logging``);
+* format ``2026-01-31 12:00:00 [rank 0] INFO mm.train: ...`` everywhere (``setup_logging``); megatron's
+  iteration line drops the colon after the name (``PARSEABLE_FORMAT``) for upstream's log parsers;
 * rank 0 logs at ``MM_LOG_LEVEL`` (default INFO), the other ranks warnings and errors only;
 * megatron's INFO chatter (the per-parameter bucket dump, config dumps) is shown only with
   ``MM_LOG_LEVEL=DEBUG``;
