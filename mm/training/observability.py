@@ -254,8 +254,7 @@ class RunLog:
                     record["skipped"] = int(s["train/skipped_steps"])
                     record["rollbacks"] = int(s["train/rollbacks"])
                     with open(os.path.join(self.save, "train_log.jsonl"), "a") as f:
-                        f.write(json.dumps({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                                            for k, v in record.items()}) + "\n")
+                        f.write(json.dumps(record) + "\n")  # NaN as before: a NaN loss is kept visible
             self.console = Window()
         if dash_due:
             s = self.scalars(self.dashboard, ranks, bad=bad, **numbers)

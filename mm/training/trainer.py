@@ -16,7 +16,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Iterator
@@ -157,7 +156,8 @@ class Trainer:
         self.obs = RunLog(log_config or LogConfig(), rank=self.ps.rank, world_size=self.ps.world_size,
                           device=self.device, save=ck.save, train_iters=tr.train_iters, log_interval=tr.log_interval,
                           global_batch_size=tr.global_batch_size,
-                          config=json.loads(json.dumps({"run": dataclasses.asdict(run), "model": dataclasses.asdict(spec),
+                          config=json.loads(json.dumps({"run": dataclasses.asdict(run),
+                                                        "model": dataclasses.asdict(spec),
                                                         "data": dataclasses.asdict(data_cfg)}, default=str)))
         self._busy = self._data_wait = 0.0  # this rank's seconds in forward_step / waiting for data, this step
         if ck.load and ckpt.candidate_iterations(ck.load):
