@@ -54,8 +54,8 @@ def test_cfg_parallel_and_cp_on_two_ranks_equal_one_process(paths):
     results = run_distributed(_layouts, 2, args=(paths, layouts), timeout=240)
     assert [r["cfg2:cfg_rank"] for r in results] == [0, 1]  # one branch per rank
     for r in results:
-        # same fp32 CFG/rescale/Euler; the DiT runs batch B instead of 2B (other kernel blocking, and a branch
-        # without padded text tokens skips the key mask): ~2e-6 apart after 2 steps here
+        # same fp32 CFG/rescale/Euler; the DiT runs batch B instead of 2B (other kernel blocking; a branch whose
+        # text has no padding may skip the key mask): ~2e-6 apart after 2 steps here
         torch.testing.assert_close(r["cfg2"], r["ref"], rtol=0, atol=1e-5)
         for name in ("cp2_ulysses", "cp2_ring", "cp2_skiparse"):  # CP changes the attention's reduction order
             torch.testing.assert_close(r[name], r["ref"], rtol=0, atol=1e-5, msg=name)
