@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from mm.ops.memory import peak_memory
+from mm.training.metrics import mfu
 
 logger = logging.getLogger("mm.train")
 
@@ -185,6 +186,7 @@ class RunLog:
         """Everything a sink may show for the steps of ``w``: the one place that decides what is logged."""
         step_s = w.step_s / w.steps
         tflops = flops_per_step / step_s / self.world / 1e12
+        utilisation = mfu(flops_per_step, step_s, self.world, peak_tflops)
         out = {
             "train/loss": w.loss / (w.steps - w.nan_losses) if w.steps > w.nan_losses else math.nan,
             "train/lr": lr, "train/grad_norm": grad_norm, "train/clip_threshold": clip_threshold,
@@ -192,7 +194,7 @@ class RunLog:
             "train/consumed_samples": float(consumed), "train/step_time_s": step_s,
             "train/data_wait_s": w.data_wait_s / w.steps, "train/samples_per_s": self.gbs / step_s,
             "train/tflops_per_device": tflops,
-            "train/mfu": tflops / peak_tflops if peak_tflops else math.nan,
+            "train/mfu": utilisation if utilisation is not None else math.nan,
         }
         out.update({f"train/steps_{a}": float(n) for a, n in w.actions.items()})
         out["data/bad_samples"] = float(sum(bad.values()))
@@ -290,7 +292,7 @@ class RunLog:
                             "max": times[-1] if times else None},
             "samples_per_s": self.gbs / mean if mean else None,
             "tflops_per_device": tflops,
-            "mfu": tflops / peak_tflops if tflops and peak_tflops else None,
+            "mfu": mfu(flops_per_step, mean, self.world, peak_tflops) if mean and flops_per_step else None,
             "skipped_steps": skipped, "rollbacks": rollbacks, "bad_samples": bad,
             "peak_memory_gib_per_rank": [{k: (v if math.isfinite(v) else None) for k, v in r.items()
                                           if k in MEMORY_KEYS} for r in (self.ranks or [])],
