@@ -54,7 +54,7 @@ def test_end_to_end_writes_videos_and_sidecars(paths, tmp_path):
     assert names == ["0000_a_red_square_moving_right.json", "0000_a_red_square_moving_right.mp4",
                      "0001_a_blue_circle_moving_up.json", "0001_a_blue_circle_moving_up.mp4",
                      "0002_a_green_triangle_moving_left.json", "0002_a_green_triangle_moving_left.mp4",
-                     "video_grid.mp4"]
+                     "logs", "video_grid.mp4"]  # logs/: the run's inference_summary.json/.md
     assert summary.written[-1] == str(tmp_path / "video_grid.mp4")
     for i, prompt in enumerate(PROMPTS):
         stem = tmp_path / names[2 * i][:-5]
@@ -101,8 +101,9 @@ def test_resume_skips_finished_prompts(pipe, request_, tmp_path):
     first = generate_videos(pipe, PROMPTS[:2], cfg, out)
     assert first.generated == [0, 1]
     stems = sorted(p.stem for p in tmp_path.glob("0*.mp4"))
-    # the samples stay untouched; the grid is rewritten whenever a run adds samples
-    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir() if not p.name.startswith("video_grid")}
+    # the samples stay untouched; the grid and the run summary (logs/) are rewritten by every run that adds samples
+    mtimes = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir() if not p.name.startswith("video_grid")
+              and p.name != "logs"}
     video0 = _frames(tmp_path / f"{stems[0]}.mp4")
 
     second = generate_videos(pipe, PROMPTS, cfg, out)  # one more prompt: only it runs
