@@ -12,6 +12,12 @@ what is installed and the inputs, and every use of a slower path is logged once 
   because varlen skips the padded keys instead of computing and masking them; ``make device-check``
   measures both on the machine at hand (``attention_fwd_bwd`` rows: ``flash_*`` and ``sdpa_*``, and
   ``fastest``), so a GPU where SDPA wins is switched with ``MM_CUDA_ATTENTION=sdpa``.
+* attention_block / attention_block_backward (ring attention): torch's memory-efficient attention ops
+  ``aten._scaled_dot_product_efficient_attention(q, k, v, attn_bias, compute_log_sumexp=True)`` and its
+  ``_backward``, with the finite key bias as ``attn_bias`` (the cpu kernel's exact math, fully masked blocks
+  included) and the ring's merged out/lse passed to the backward. flash-attn is not used here: it has no
+  additive bias, and its backward entry that takes an external lse (``_flash_attn_varlen_backward``) is
+  internal and changes signature between 2.x releases.
 * rms_norm / layer_norm: Transformer Engine's fused norm kernels (``transformer_engine_torch``
   ``rmsnorm_fwd/bwd``, ``layernorm_fwd/bwd``, the kernels behind TE's ``RMSNorm``/``LayerNorm`` modules,
   TE >= 2.3) when TE is installed, else apex's (``apex.normalization.fused_layer_norm``), else the
@@ -126,6 +132,46 @@ def attention(q, k, v, key_mask=None, scale=None):
 def attention_impls() -> dict:
     """The attention implementations installed here, by ``MM_CUDA_ATTENTION`` name (for the timing table)."""
     return {"sdpa": reference.attention, **({"flash": flash_attention} if _flash is not None else {})}
+
+
+# ------------------------------------------------------------------------------------------ ring attention block
+# torch's memory-efficient attention (CUDA): the one fused kernel that takes an additive bias, returns the
+# fp32 log-sum-exp and has a backward taking an external (the ring's merged) out and lse. Layouts: q/k/v
+# [B, H, S, D] (BSHD transposed views; the op transposes back); bias in q's dtype, broadcastable to
+# [B, H, Sq, Sk] with every stride but the last aligned to 16 elements; lse fp32 [B, H, ceil(Sq/32)*32]
+# (padded to the backward's query block, kAlignLSE = 32). Module attributes so the contract tests can put
+# fakes of these CUDA-only ops in their place.
+_efficient_fwd = torch.ops.aten._scaled_dot_product_efficient_attention
+_efficient_bwd = torch.ops.aten._scaled_dot_product_efficient_attention_backward
+LSE_ALIGN, BIAS_ALIGN = 32, 16
+
+
+def _efficient_bias(key_bias, q, k):
+    """``[B, Sk]`` key bias -> ``[B, H, Sq, Sk]`` view in q's dtype over a row padded to BIAS_ALIGN (strides
+    ``(padded Sk, 0, 0, 1)``), the layout torch's own SDPA hands this kernel."""
+    if key_bias is None:
+        return None
+    b, sk = key_bias.shape
+    row = torch.zeros(b, -(-sk // BIAS_ALIGN) * BIAS_ALIGN, dtype=q.dtype, device=q.device)
+    row[:, :sk] = key_bias
+    return row[:, None, None, :sk].expand(b, q.shape[2], q.shape[1], sk)
+
+
+def attention_block(q, k, v, key_bias=None, scale=None):
+    q_, k_, v_ = (t.transpose(1, 2) for t in (q, k, v))
+    out, lse, _, _ = _efficient_fwd(q_, k_, v_, _efficient_bias(key_bias, q, k), True, 0.0, False, scale=scale)
+    return out.transpose(1, 2), lse[:, :, :q.shape[1]]
+
+
+def attention_block_backward(dout, q, k, v, out, lse, key_bias=None, scale=None):
+    b, sq, h, _ = q.shape
+    lse_padded = torch.zeros(b, h, -(-sq // LSE_ALIGN) * LSE_ALIGN, dtype=torch.float32, device=q.device)
+    lse_padded[:, :, :sq] = lse
+    no_dropout = torch.empty((), dtype=torch.long)  # philox seed/offset: read only when dropout_p > 0
+    dq, dk, dv, _ = _efficient_bwd(
+        *(t.transpose(1, 2) for t in (dout, q, k, v)), _efficient_bias(key_bias, q, k), out.transpose(1, 2),
+        lse_padded, no_dropout, no_dropout, 0.0, [True, True, True, False], False, scale=scale)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
 
 
 # ------------------------------------------------------------------------------------------ norms
@@ -253,4 +299,6 @@ def kernels() -> dict:
         "rms_norm": rms_norm,
         "layer_norm": layer_norm,
         "apply_rope": apply_rope,
+        "attention_block": attention_block,
+        "attention_block_backward": attention_block_backward,
     }

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mm.ops.reference import check_key_mask
+from mm.ops.reference import MASKED_BIAS, check_key_mask
 
 
 @dataclass
@@ -22,6 +22,7 @@ class PackedKeys:
     v: torch.Tensor  # [total_k, H, D]
     cu_seqlens_q: torch.Tensor  # int32 [B+1]: 0, Sq, 2*Sq, ...
     cu_seqlens_k: torch.Tensor  # int32 [B+1]: 0, n_0, n_0 + n_1, ...
+    keep: torch.Tensor  # int64 [total_k]: flat ``b * Sk + j`` index of each packed key (scatters dK/dV back)
 
 
 def pack_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor) -> PackedKeys:
@@ -37,4 +38,26 @@ def pack_keys(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         v=v.reshape(b * sk, h, v.shape[-1]).index_select(0, keep),
         cu_seqlens_q=torch.arange(0, (b + 1) * sq, sq, dtype=torch.int32, device=q.device),
         cu_seqlens_k=torch.cat([zero, lens.cumsum(0, dtype=torch.int32).to(q.device)]),
+        keep=keep,
     )
+
+
+def block_key_mask(key_bias: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ring block's additive key bias (0 = attend, ``MASKED_BIAS`` = masked) -> ``(key_mask [B, Sk] bool,
+    lse_shift [B] fp32)`` for a kernel that packs valid keys instead of adding a bias.
+
+    Packing the valid keys equals the finite bias wherever a sample has one (a masked key's weight
+    ``exp(score - 10000 - lse)`` is 0 in fp32). A sample whose keys in this block are *all* masked has the
+    same bias on every key, so its finite-bias attention is plain attention over all of them with the
+    log-sum-exp lowered by ``MASKED_BIAS``: its mask row becomes all True and ``lse_shift`` is ``MASKED_BIAS``
+    (0 for the others). Add ``lse_shift`` to the kernel's lse; subtract it from the lse handed to the backward.
+    Any other bias value is an error (packing cannot express it). One device->host sync (the value check).
+    """
+    if key_bias.shape != (k.shape[0], k.shape[1]):
+        raise ValueError(f"key_bias must be [B, Sk] = {(k.shape[0], k.shape[1])}, got {tuple(key_bias.shape)}")
+    attend, masked = key_bias == 0, key_bias == MASKED_BIAS
+    if not bool((attend | masked).all()):
+        raise ValueError(f"key_bias values must be 0 (attend) or {MASKED_BIAS} (masked) for a packed-key kernel")
+    none_valid = ~attend.any(dim=1)
+    shift = torch.where(none_valid, MASKED_BIAS, 0.0).to(torch.float32)
+    return attend | none_valid[:, None], shift

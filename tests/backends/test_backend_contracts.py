@@ -20,8 +20,8 @@ import torch
 from mm.ops import reference
 
 FAKES = pathlib.Path(__file__).resolve().parent / "fakes"
-FAKE_MODULES = ("fakes_math", "flash_attn", "apex", "torch_npu", "transformer_engine", "transformer_engine_torch",
-                "mindspeed")
+FAKE_MODULES = ("fakes_math", "fakes_aten", "flash_attn", "apex", "torch_npu", "transformer_engine",
+                "transformer_engine_torch", "mindspeed")
 
 
 def _drop(prefixes):
@@ -317,9 +317,148 @@ def test_backend_modules_name_their_device(fake_libs):
     _, npu, _, _ = fake_libs
     npu_3 = types.SimpleNamespace(type="npu", index=3)  # torch.device("npu") exists only with torch_npu
     assert npu.device_name(npu_3) == "Ascend910B2 (fake 3)"
-    from mm.ops.registry import KERNELS
+    from mm.ops.registry import KERNELS, OPTIONAL_KERNELS
 
-    assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(KERNELS)  # the required kernels
+    # the required kernels and the ring's block kernel
+    assert set(npu.kernels()) == set(fake_libs[0].kernels()) == set(KERNELS) | set(OPTIONAL_KERNELS)
+
+
+# ---------------------------------------------------------------------------------------------- ring block kernels
+@pytest.fixture
+def block_kernels(fake_libs, monkeypatch):
+    """{backend: module} with the ring's block kernel; cuda's CUDA-only aten ops replaced by their fakes."""
+    cuda, npu, _, _ = fake_libs
+    import fakes_aten
+
+    monkeypatch.setattr(cuda, "_efficient_fwd", fakes_aten.efficient_attention)
+    monkeypatch.setattr(cuda, "_efficient_bwd", fakes_aten.efficient_attention_backward)
+    return {"cuda": cuda, "npu": npu}
+
+
+def _block_mask():
+    """Two ring blocks of 4 keys; sample 0's second block is fully masked, sample 1's masks are not prefixes."""
+    return torch.tensor([[True, True, False, True, False, False, False, False],
+                         [False, True, True, False, True, False, True, True]])
+
+
+def _block_case(dtype, masked):
+    from mm.ops.reference import MASKED_BIAS
+
+    q, k, v = (t.detach() for t in _qkv(dtype, sq=6, sk=8, h=2, d=16, seed=11))
+    mask = _block_mask() if masked else torch.ones(2, 8, dtype=torch.bool)
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, MASKED_BIAS)
+    blocks = [(k[:, i:i + 4], v[:, i:i + 4], bias[:, i:i + 4] if masked else None) for i in (0, 4)]
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(12)).to(dtype)
+    return q, k, v, mask, blocks, dout
+
+
+def _block_mismatches(kernels, q, blocks, dout, scale, tol):
+    """Where ``kernels``' forward (out, lse per block), the ring's merge of them and the backward of each block
+    from the merged out/lse differ from the cpu kernel's; [] when they agree."""
+    from mm.distributed.ring_attention import merge_blocks
+
+    bad, merged, merged_ref = [], (None, None), (None, None)
+    for i, (kb, vb, bb) in enumerate(blocks):
+        out, lse = kernels.attention_block(q, kb, vb, bb, scale)
+        out_r, lse_r = reference.attention_block(q, kb, vb, bb, scale)
+        if out.dtype != q.dtype or lse.dtype != torch.float32 or lse.shape != lse_r.shape or out.shape != out_r.shape:
+            return [f"block {i}: out {out.dtype} {tuple(out.shape)}, lse {lse.dtype} {tuple(lse.shape)}"]
+        # a sample with every key of the block masked: the cpu kernel adds -10000 in fp32 before its softmax
+        # (ulp 1e-3 there), so its out is that coarse; the merge gives it weight exp(-10000) = 0
+        coarse = dict(atol=max(tol["atol"], 5e-3), rtol=max(tol["rtol"], 5e-3))
+        for s in range(q.shape[0]):
+            t = coarse if bb is not None and bool((bb[s] != 0).all()) else tol
+            if not torch.allclose(out[s].float(), out_r[s].float(), **t):
+                bad.append(f"block {i} sample {s} out")
+        if not torch.allclose(lse, lse_r.float(), **tol):
+            bad.append(f"block {i} lse")
+        merged, merged_ref = merge_blocks(*merged, out, lse), merge_blocks(*merged_ref, out_r, lse_r)
+    out_m, lse_m = merged[0].to(q.dtype), merged[1]
+    if not torch.allclose(out_m.float(), merged_ref[0].float(), **tol):
+        bad.append("merged out")
+    for i, (kb, vb, bb) in enumerate(blocks):
+        got = kernels.attention_block_backward(dout, q, kb, vb, out_m, lse_m, bb, scale)
+        want = reference.attention_block_backward(dout, q, kb, vb, out_m, lse_m, bb, scale)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.allclose(a.float(), b.float(), **tol):
+                bad.append(f"block {i} {name}")
+    return bad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("masked", [True, False], ids=["key_bias", "no_bias"])
+@pytest.mark.parametrize("backend", ["cuda", "npu"])
+def test_attention_block_matches_cpu_kernel(block_kernels, backend, masked, dtype):
+    """Each block's out and fp32 lse [B, H, Sq], their merge, and each block's backward from the *merged* out/lse
+    equal the cpu kernel's; masked, one block is fully masked for a sample (the finite-bias normaliser)."""
+    q, k, v, mask, blocks, dout = _block_case(dtype, masked)
+    assert _block_mismatches(block_kernels[backend], q, blocks, dout, 0.3, TOL[dtype]) == []
+    if masked:  # the ring's merge over both blocks is masked attention over all the keys
+        from mm.distributed.ring_attention import merge_blocks
+
+        merged = (None, None)
+        for kb, vb, bb in blocks:
+            merged = merge_blocks(*merged, *block_kernels[backend].attention_block(q, kb, vb, bb, 0.3))
+        torch.testing.assert_close(merged[0].to(dtype).float(), reference.attention(q, k, v, mask, 0.3).float(),
+                                   **TOL[dtype])
+
+
+def test_attention_block_kernels_are_the_fast_ones(block_kernels):
+    import fakes_aten
+
+    torch_npu = sys.modules["torch_npu"]
+    q, _, _, _, blocks, dout = _block_case(torch.bfloat16, True)
+    torch_npu.calls["npu_fusion_attention"].clear()
+    torch_npu.calls["npu_fusion_attention_grad"].clear()
+    n = dict(fakes_aten.calls)
+    for name in ("cuda", "npu"):
+        assert _block_mismatches(block_kernels[name], q, blocks, dout, None, TOL[torch.bfloat16]) == []
+    assert fakes_aten.calls == {"forward": n["forward"] + 2, "backward": n["backward"] + 2}
+    assert torch_npu.calls["npu_fusion_attention"] == torch_npu.calls["npu_fusion_attention_grad"] == ["TND"] * 2
+
+
+def _flip_npu_mask(npu, monkeypatch, torch_npu):
+    from mm.ops.reference import MASKED_BIAS
+
+    real = npu.block_key_mask
+    monkeypatch.setattr(npu, "block_key_mask", lambda bias, k: real(MASKED_BIAS - bias, k))
+
+
+def _npu_stats_head_major(npu, monkeypatch, torch_npu):
+    """TND statistics as [N, T, 8] (the BNSD order) instead of the documented [T, N, 8]."""
+    real = torch_npu.npu_fusion_attention
+
+    def head_major(*a, **kw):
+        out, smax, ssum, *rest = real(*a, **kw)
+        if kw.get("input_layout") == "TND":
+            smax, ssum = (t.transpose(0, 1).reshape(t.shape) for t in (smax, ssum))
+        return out, smax, ssum, *rest
+
+    monkeypatch.setattr(torch_npu, "npu_fusion_attention", head_major)
+
+
+def _flip_cuda_bias(cuda, monkeypatch, torch_npu):
+    from mm.ops.reference import MASKED_BIAS
+
+    real = cuda._efficient_bias
+    monkeypatch.setattr(cuda, "_efficient_bias", lambda b, q, k: real(MASKED_BIAS - b, q, k))
+
+
+@pytest.mark.parametrize("backend,mutation", [("npu", _flip_npu_mask), ("npu", _npu_stats_head_major),
+                                              ("cuda", _flip_cuda_bias)],
+                         ids=["npu_mask_polarity", "npu_lse_layout", "cuda_bias_polarity"])
+def test_wrong_block_layout_or_polarity_is_caught(block_kernels, monkeypatch, backend, mutation):
+    """The comparison above notices a flipped mask and statistics read in the wrong layout."""
+    q, _, _, _, blocks, dout = _block_case(torch.float32, True)
+    mutation(block_kernels[backend], monkeypatch, sys.modules["torch_npu"])
+    assert _block_mismatches(block_kernels[backend], q, blocks, dout, 0.3, TOL[torch.float32]) != []
+
+
+def test_packed_block_rejects_a_bias_packing_cannot_express(fake_libs):
+    _, npu, _, _ = fake_libs
+    q, k, v = (t.detach() for t in _qkv(torch.float32, sk=8))
+    with pytest.raises(ValueError, match="key_bias values must be 0"):
+        npu.attention_block(q, k, v, torch.full((2, 8), -1.0), None)
 
 
 # ---------------------------------------------------------------------------------------------- npu patches
