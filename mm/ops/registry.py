@@ -156,6 +156,6 @@ def kernel(name: str) -> Callable:
     if name not in backend.kernels and name in OPTIONAL_KERNELS:
         raise BackendUnavailableError(
             f"kernel {name!r} (ring attention block with log-sum-exp) is not implemented for backend "
-            f"{backend.name!r}; ring / hybrid context parallelism runs on the cpu backend, use "
+            f"{backend.name!r}; ring / hybrid context parallelism needs it (cpu, cuda and npu have it), use "
             "--context-parallel-algo ulysses_cp_algo on this one")
     return backend.kernels[name]

@@ -454,6 +454,17 @@ def test_wrong_block_layout_or_polarity_is_caught(block_kernels, monkeypatch, ba
     assert _block_mismatches(block_kernels[backend], q, blocks, dout, 0.3, TOL[torch.float32]) != []
 
 
+@pytest.mark.parametrize("backend", ["cuda", "npu"])
+def test_preflight_accepts_ring_where_the_block_kernel_exists(fake_libs, monkeypatch, backend):
+    from mm.ops import registry
+    from mm.training import preflight
+
+    monkeypatch.setattr(registry, "resolve_backend_name", lambda name: backend)
+    par = types.SimpleNamespace(context_parallel_size=2, ulysses_size=1, context_parallel_algo="megatron_cp_algo",
+                                tensor_model_parallel_size=1)
+    assert preflight._ring_kernel_problems(par, None, backend) == []
+
+
 def test_packed_block_rejects_a_bias_packing_cannot_express(fake_libs):
     _, npu, _, _ = fake_libs
     q, k, v = (t.detach() for t in _qkv(torch.float32, sk=8))
