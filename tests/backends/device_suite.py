@@ -7,7 +7,8 @@ line with what it measured (and writes it to ``--out``) and exits non-zero when 
 ``make device-check`` runs that plus ``timing``.
 
 Checks:
-* ``kernels``: attention (key mask / none, with gradients), rms_norm, layer_norm, RoPE of the selected
+* ``kernels``: attention (key mask / none, with gradients), the ring's block kernel (two key blocks, one fully
+  masked for a sample: merged out/lse, backward from them), rms_norm, layer_norm, RoPE of the selected
   backend on the device vs ``mm.ops.reference`` on the CPU, fp32 and bf16;
 * ``suv``: the tiny SUV forward + backward on the device vs the same weights on the CPU (fp32);
 * ``train``: two training steps of the tiny preset on one device, bf16, distributed optimizer, saved;
@@ -75,6 +76,32 @@ def _tol_ratio(got: torch.Tensor, want: torch.Tensor, dtype_name: str) -> float:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
+def _ring_block_pairs(k, dev, q, kk, v, go, mask, name) -> dict:
+    """The ring's block kernel over two key blocks (the second fully masked for sample 0): merged out and lse,
+    and each block's (dq, dk, dv) from the merged out/lse, on the device vs the cpu kernel in fp32."""
+    from mm.distributed.ring_attention import merge_blocks
+
+    half = kk.shape[1] // 2
+    bias = torch.zeros(mask.shape).masked_fill_(~mask, reference.MASKED_BIAS)
+    bias[0, half:] = reference.MASKED_BIAS
+    blocks = [(slice(0, half)), slice(half, kk.shape[1])]
+    dev_merged, ref_merged = (None, None), (None, None)
+    for sl in blocks:
+        dev_merged = merge_blocks(*dev_merged, *k["attention_block"](
+            q.to(dev), kk[:, sl].to(dev), v[:, sl].to(dev), bias[:, sl].to(dev), 0.125))
+        ref_merged = merge_blocks(*ref_merged, *reference.attention_block(
+            q.float(), kk[:, sl].float(), v[:, sl].float(), bias[:, sl], 0.125))
+    out = dev_merged[0].to(q.dtype)
+    pairs = {f"ring_block_out_{name}": (out, ref_merged[0]), f"ring_block_lse_{name}": (dev_merged[1], ref_merged[1])}
+    for i, sl in enumerate(blocks):
+        got = k["attention_block_backward"](go.to(dev), q.to(dev), kk[:, sl].to(dev), v[:, sl].to(dev), out,
+                                            dev_merged[1], bias[:, sl].to(dev), 0.125)
+        want = reference.attention_block_backward(go.float(), q.float(), kk[:, sl].float(), v[:, sl].float(),
+                                                  ref_merged[0], ref_merged[1], bias[:, sl], 0.125)
+        pairs.update({f"ring_block{i}_grad_{'qkv'[j]}_{name}": (a, r) for j, (a, r) in enumerate(zip(got, want))})
+    return pairs
+
+
 def check_kernels() -> dict:
     backend, dev = _backend()
     k = backend.kernels
@@ -105,6 +132,7 @@ def check_kernels() -> dict:
                                      reference.rms_norm(x.float(), w.float(), 1e-6))
         pairs[f"layer_norm_{name}"] = (k["layer_norm"](x.to(dev), w.to(dev), bias.to(dev), 1e-6),
                                        reference.layer_norm(x.float(), w.float(), bias.float(), 1e-6))
+        pairs.update(_ring_block_pairs(k, dev, q, kk, v, go, mask, name))
         chunks = (32, 48, 48)
         xr = torch.randn(2, 40, h, sum(chunks), generator=g).to(dtype)
         ang = torch.rand(1, 40, 1, sum(chunks), generator=g) * 6
