@@ -5,8 +5,8 @@ Contract (torch 2.13 schema; ``aten/src/ATen/native/transformers/cuda/attention.
 
 * ``_scaled_dot_product_efficient_attention(query, key, value, attn_bias, compute_log_sumexp, dropout_p=0.,
   is_causal=False, *, scale=None) -> (output, log_sumexp, philox_seed, philox_offset)``. q/k/v ``[B, H, S, D]``
-  of one dtype; ``attn_bias`` additive, in q's dtype, broadcastable to ``[B, H, Sq, Sk]``, last dim contiguous,
-  other strides multiples of 16 elements (torch's SDPA pads the row to 16 for this). ``output`` ``[B, H, Sq, Dv]``;
+  of one dtype; ``attn_bias`` additive, in q's dtype, of shape ``[B, H, Sq, Sk]`` (expanded views allowed), last dim
+  contiguous, other strides multiples of 16 elements (torch's SDPA pads the row to 16 for this). ``output`` ``[B, H, Sq, Dv]``;
   ``log_sumexp`` fp32 ``[B, H, ceil(Sq / 32) * 32]``: rows past Sq are padding (unspecified; NaN here, so a caller
   that reads them fails).
 * ``_scaled_dot_product_efficient_attention_backward(grad_out_, query, key, value, attn_bias, out, logsumexp,
@@ -34,9 +34,11 @@ def _check(query, key, value, attn_bias):
         return None
     if attn_bias.dtype != query.dtype:
         raise RuntimeError(f"attn_bias dtype {attn_bias.dtype} must match query dtype {query.dtype}")
-    if attn_bias.dim() != 4 or attn_bias.stride(-1) != 1 or any(s % BIAS_ALIGN for s in attn_bias.stride()[:3]):
+    if tuple(attn_bias.shape) != (b, h, sq, sk):  # the kernel checks every size (expanded views are fine)
+        raise RuntimeError(f"attn_bias must be [B, H, Sq, Sk] = {(b, h, sq, sk)}, got {tuple(attn_bias.shape)}")
+    if attn_bias.stride(-1) != 1 or any(s % BIAS_ALIGN for s in attn_bias.stride()[:3]):
         raise RuntimeError(f"attn_bias is not correctly aligned: strides {attn_bias.stride()}")
-    return attn_bias.expand(b, h, sq, sk)
+    return attn_bias
 
 
 def _lse_len(sq):
