@@ -27,12 +27,21 @@ EXIT_ORPHAN = 5
 
 
 def _fail(code: int, message: str) -> None:
-    """Log, flush and leave the process at once (a thread cannot raise into a rank blocked in C++)."""
-    logger.error("%s", message)
-    for h in logging.getLogger().handlers + logger.handlers:
-        h.flush()
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    os._exit(code)
+    """Log, flush and leave the process at once (a thread cannot raise into a rank blocked in C++).
+
+    The exit happens whatever the log sinks do: a handler whose stream was closed (a test's captured
+    stream, a rotated file) raises on ``flush``, and a watchdog that dies of that leaves the rank hanging.
+    """
+    try:
+        logger.error("%s", message)
+        for h in logging.getLogger().handlers + logger.handlers:
+            try:
+                h.flush()
+            except (OSError, ValueError):
+                continue  # this sink is gone; the others and stderr still get the message
+        print(f"error: {message}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(code)
 
 
 class ProgressWatchdog:
