@@ -23,7 +23,8 @@ def test_quick_demo_end_to_end(tmp_path):
     assert "I2V: frame-0 PSNR" in r.stdout
     i2v = json.loads((out / "i2v_metrics.json").read_text())
     assert len(i2v["clips"]) == 2 and i2v["psnr_frame0"] > 0 and 0.0 <= i2v["colour_agreement"] <= 1.0
-    clips = sorted(p.name for p in (out / "samples").glob("*.mp4"))
+    clips = sorted(p.name for p in (out / "samples").glob("*.mp4") if p.name != "video_grid.mp4")
+    assert (out / "samples" / "video_grid.mp4").exists()  # the run's grid of every sample
     assert len(clips) == 2 and all((out / "samples" / c).with_suffix(".json").exists() for c in clips)
     score = json.loads((out / "colour_agreement.json").read_text())["score"]
     assert 0.0 <= score <= 1.0

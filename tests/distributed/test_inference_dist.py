@@ -127,7 +127,9 @@ def test_torchrun_tp2_smoke(paths, tmp_path):
             continue
         if name.endswith(".mp4"):
             assert tp2[name].shape == ((9, 68, 68, 3) if name.startswith("video_grid") else (9, 32, 32, 3))
-            # latents agree to ~1e-6; a rare pixel may round the other way before H.264 encoding
-            assert np.abs(tp1[name].astype(int) - tp2[name].astype(int)).mean() < 0.05, name
+            # latents agree to ~1e-6 (README: reproducibility); a pixel that rounds the other way before
+            # H.264 encoding changes the encoder's choices for its block, so frames agree to a mean of < 0.5
+            # grey levels (as the CFG-parallel test), far below what a wrong sample gives (tens)
+            assert np.abs(tp1[name].astype(int) - tp2[name].astype(int)).mean() < 0.5, name
         else:
             assert tp1[name] == tp2[name], name
