@@ -27,11 +27,11 @@ demo: setup
 device-check: setup
 	$(PY) tests/backends/run_device_check.py --out outputs/device_check.json
 
-# Every bench/*.py with its defaults (stdout -> outputs/bench/NAME.txt, its last line, one JSON object,
+# Every bench/*.py but the _helpers with its defaults (stdout -> outputs/bench/NAME.txt, its last line, one JSON object,
 # -> outputs/bench/NAME.json), then the WFVAE at 65 frames and at the released widths (issue 20).
 bench: setup
 	mkdir -p outputs/bench
-	for script in bench/*.py; do \
+	for script in bench/[!_]*.py; do \
 	    name=$$(basename $$script .py); echo "== $$script"; \
 	    MM_BACKEND=cpu $(PY) $$script > outputs/bench/$$name.txt || exit 1; \
 	    cat outputs/bench/$$name.txt; tail -n 1 outputs/bench/$$name.txt > outputs/bench/$$name.json; \

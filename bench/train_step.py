@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from _summary import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -275,11 +276,7 @@ def main() -> None:
         "video_tokens": video_tokens,
         "modes": {m: {k: r[k] for k in ("samples_per_s", "step_s", "fractions")} for m, r in results.items()},
     }
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-    print(json.dumps(summary))
+    emit(summary, args.out)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from _summary import emit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CASES = ("encode_untiled", "encode_tiled", "decode_untiled", "decode_tiled")
@@ -195,11 +196,7 @@ def main() -> None:
     if args.baseline:
         summary["baseline"] = {c: {"cpu_s": baseline[c]["cpu_s"], "working_mb": baseline[c]["working_mb"]} for c in args.cases}
         summary["max_abs_diff"] = diffs
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=1)
-    print(json.dumps(summary))
+    emit(summary, args.out)
 
 
 if __name__ == "__main__":
