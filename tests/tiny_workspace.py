@@ -24,9 +24,10 @@ def make_workspace(tmp: str | os.PathLike, *, num: int = 4, frames: int = 9, siz
 
 def tiny_trainer(ws: dict[str, str], *, tp: int = 1, sp: bool = False, gbs: int = 1, iters: int = 4, lr: float = 1e-3,
                  bf16: bool = False, distopt: bool = True, save: str | None = None, load: str | None = None,
-                 save_interval: int = 2, parallel: dict | None = None):
+                 save_interval: int = 2, parallel: dict | None = None, recompute: str | None = None):
     """A ``Trainer`` on a ``make_workspace`` workspace (seed 1234, micro-batch 1, no loader workers);
-    ``parallel``: ``ParallelConfig`` fields instead of ``tp`` / ``sp``."""
+    ``parallel``: ``ParallelConfig`` fields instead of ``tp`` / ``sp``; ``recompute``: a granularity
+    ('full' recomputes one block per stage)."""
     from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
     from mm.config_upstream import load_data_config, load_model_json
     from mm.training.trainer import Trainer
@@ -34,7 +35,8 @@ def tiny_trainer(ws: dict[str, str], *, tp: int = 1, sp: bool = False, gbs: int 
     run = RunConfig(
         parallel=ParallelConfig(**(parallel or {"tensor_model_parallel_size": tp, "sequence_parallel": sp})),
         optimizer=OptimizerConfig(lr=lr, min_lr=lr, use_distributed_optimizer=distopt),
-        training=TrainingConfig(micro_batch_size=1, global_batch_size=gbs, train_iters=iters, seed=1234, bf16=bf16),
+        training=TrainingConfig(micro_batch_size=1, global_batch_size=gbs, train_iters=iters, seed=1234, bf16=bf16,
+                                recompute_granularity=recompute, recompute_num_layers=1 if recompute == "full" else 0),
         checkpoint=CheckpointConfig(save=save, load=load, save_interval=save_interval),
     )
     return Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)

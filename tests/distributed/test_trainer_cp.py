@@ -87,3 +87,22 @@ def test_ring_on_a_backend_without_the_block_kernel_is_an_error(ws, capsys, monk
     assert pretrain_sora.main([*argv, "--context-parallel-algo", "megatron_cp_algo"]) == 2
     lines = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and "block kernel (attention_block) the cuda backend does not have" in lines[0], lines
+
+
+
+def _train_dp2(rank, world, ws, par: dict, recompute: str | None):
+    t = tiny_trainer(ws, gbs=2, iters=ITERS, distopt=True, parallel=par, recompute=recompute)
+    assert t.ps.dp_size == 2
+    return [(r.loss, r.grad_norm) for r in t.train()]
+
+
+@pytest.mark.parametrize("algo", ["megatron_cp_algo", "skiparse_cp_algo"])
+def test_cp2_x_dp2_with_distributed_optimizer_and_recompute_trains_like_dp2(ws, algo):
+    """CP composed with DP and the distributed optimizer (grads reduced over DP x CP) and full recompute."""
+    ref = run_distributed(_train_dp2, 2, args=(ws, {}, None), timeout=300)
+    runs = run_distributed(_train_dp2, 4, args=(ws, {"context_parallel_size": 2, "context_parallel_algo": algo},
+                                                "full"), timeout=300)
+    assert runs[0] == runs[1] and runs[2] == runs[3]  # the CP ranks of a replica log the same
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*ref[0])
+    assert _close(losses, ref_losses) and _close(norms, ref_norms), (runs[0], ref[0])
