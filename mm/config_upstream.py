@@ -317,6 +317,9 @@ def add_megatron_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="PP size")
     g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
                    help="interleaved pipeline: model chunks per PP rank (megatron's flag)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None, metavar="N",
+                   help="interleaved pipeline as megatron's flag: N SUV blocks per virtual stage, i.e. "
+                        "--virtual-pipeline-model-parallel-size = blocks per PP rank / N (instead of that flag)")
     g.add_argument("--pipeline-stage-blocks", default=None, metavar="N,N,...",
                    help="SUV blocks per pipeline chunk in stage order (PP x VPP counts summing to the blocks); "
                         "default: balanced by a skiparse-aware cost model at the data's sequence length")

@@ -76,6 +76,26 @@ def _ring_kernel_problems(par, suv, backend_name: str) -> list[str]:
             "--context-parallel-algo ulysses_cp_algo (TP x CP must divide the heads) or the cpu backend"]
 
 
+def resolve_virtual_stage_flag(args: argparse.Namespace, num_blocks: int) -> tuple[argparse.Namespace, list[str]]:
+    """megatron's ``--num-layers-per-virtual-pipeline-stage N`` as ``--virtual-pipeline-model-parallel-size``
+    (blocks per PP rank / N; 1 chunk per rank: no VPP): (args with it resolved, problems)."""
+    n = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    if n is None:
+        return args, []
+    pp, flag = args.pipeline_model_parallel_size, f"--num-layers-per-virtual-pipeline-stage {n}"
+    if args.virtual_pipeline_model_parallel_size is not None:
+        return args, [f"{flag} and --virtual-pipeline-model-parallel-size "
+                      f"{args.virtual_pipeline_model_parallel_size} both set the interleaved pipeline: give one"]
+    if n < 1 or pp < 2:
+        return args, [f"{flag}: needs N >= 1 and --pipeline-model-parallel-size > 1 (it is {pp})"]
+    per_rank = num_blocks // pp
+    if num_blocks % pp or per_rank % n:
+        return args, [f"{flag}: the SUV's {num_blocks} blocks over --pipeline-model-parallel-size {pp} are "
+                      f"{num_blocks / pp:g} per PP rank, not a multiple of {n}"]
+    vpp = per_rank // n
+    return argparse.Namespace(**{**vars(args), "virtual_pipeline_model_parallel_size": vpp if vpp > 1 else None}), []
+
+
 def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelSpec, DataConfig, RunConfig]:
     """(model spec, data config, run config) of a valid command line; ``ConfigErrors`` listing every problem."""
     from mm.training.checkpointing import candidate_iterations, resume_problems
@@ -84,6 +104,13 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
     spec = data_cfg = run = suv = None
     with problems.check("--mm-model: "):
         spec = load_model_json(args.mm_model)
+    if spec is not None:
+        with problems.check("--mm-model: "):
+            suv = spec.suv_config()
+    if suv is not None:
+        args, vpp_problems = resolve_virtual_stage_flag(args, suv.num_blocks)
+        for msg in vpp_problems:
+            problems.add(msg)
     with problems.check("--mm-data: "):
         data_cfg = load_data_config(args.mm_data)
     with problems.check():
@@ -91,8 +118,6 @@ def validate_training(args: argparse.Namespace, world_size: int) -> tuple[ModelS
     if getattr(args, "data_num_workers", None) is not None and args.data_num_workers < 0:
         problems.add(f"--data-num-workers {args.data_num_workers}: must be >= 0")
     if spec is not None:
-        with problems.check("--mm-model: "):
-            suv = spec.suv_config()
         video_cached = spec.load_video_features or bool(data_cfg and data_cfg.load_video_features)
         text_cached = spec.load_text_features or bool(data_cfg and data_cfg.load_text_features)
         for msg in _missing_model_files(spec, video_cached, text_cached):

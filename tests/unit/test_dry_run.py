@@ -86,3 +86,20 @@ def test_ring_cp_beyond_the_head_limit(video4_flags, algo):
     assert "world 1024 = TP 4 x PP 1 x CP 8 x DP 32" in out and "configuration valid" in out
     code, _, err = _main(argv)
     assert code == 2 and "does not divide the model's 24 attention heads" in err
+
+
+def test_num_layers_per_virtual_pipeline_stage_resolves_to_the_vpp_size(video4_flags):
+    """megatron's --num-layers-per-virtual-pipeline-stage: 32 blocks / PP 4 = 8 per rank, 4 per virtual stage =
+    --virtual-pipeline-model-parallel-size 2 (the same validated layout, printed stage by stage)."""
+    pp4 = video4_flags + ["--dry-run", "--world-size", "1024", "--pipeline-model-parallel-size", "4"]
+    vpp = _main(pp4 + ["--virtual-pipeline-model-parallel-size", "2"])
+    per_stage = _main(pp4 + ["--num-layers-per-virtual-pipeline-stage", "4"])
+    assert per_stage[0] == 0 and per_stage[:2] == vpp[:2], per_stage[2]
+    assert _main(pp4 + ["--num-layers-per-virtual-pipeline-stage", "8"])[1] == _main(pp4)[1]  # 1 chunk: no VPP
+    code, _, err = _main(pp4 + ["--num-layers-per-virtual-pipeline-stage", "3"])
+    assert code == 2 and [line for line in err.splitlines() if "error:" in line] == [
+        "pretrain_sora.py: error: --num-layers-per-virtual-pipeline-stage 3: the SUV's 32 blocks over "
+        "--pipeline-model-parallel-size 4 are 8 per PP rank, not a multiple of 3"], err
+    code, _, err = _main(pp4 + ["--num-layers-per-virtual-pipeline-stage", "4", "--virtual-pipeline-model-parallel-size",
+                                "2"])
+    assert code == 2 and err.count("error:") == 1 and "both set the interleaved pipeline: give one" in err, err
