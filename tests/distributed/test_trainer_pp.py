@@ -18,7 +18,8 @@ def ws(tmp_path_factory):
     return make_workspace(tmp_path_factory.mktemp("ws_pp"), num=4, frames=9, cfg_rate=0.0)
 
 
-def _train(rank, world, ws, par: dict, iters: int, gbs: int, save=None, load=None, distopt=False, load_rng=True):
+def _train(rank, world, ws, par: dict, iters: int, gbs: int, save=None, load=None, distopt=False, load_rng=True,
+           feature_dir=None):
     from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
     from mm.config_upstream import load_data_config, load_model_json
     from mm.training.trainer import Trainer
@@ -29,7 +30,11 @@ def _train(rank, world, ws, par: dict, iters: int, gbs: int, save=None, load=Non
         training=TrainingConfig(micro_batch_size=1, global_batch_size=gbs, train_iters=iters, seed=1234),
         checkpoint=CheckpointConfig(save=save, load=load, save_interval=2, load_rng=load_rng),
     )
-    t = Trainer(load_model_json(ws["model"]), load_data_config(ws["data"]), run, data_num_workers=0)
+    data = load_data_config(ws["data"])
+    if feature_dir:  # features from the cache (the frozen encoders are not built)
+        data = data.replace(load_video_features=True, load_text_features=True, feature_dir=feature_dir)
+    t = Trainer(load_model_json(ws["model"]), data, run, data_num_workers=0)
+    assert not feature_dir or t.encoders.vae is None
     if distopt and t.ps.pp_size > 1:  # each replicated embedder parameter alone in its bucket: same DP shards
         embedder = set(t.model.time_text_embed.parameters())  # on every stage, whatever else the stage holds
         for buffer in t.ddps[0].buffers:
@@ -111,3 +116,26 @@ def test_pp2_vpp2_trains_like_pp1_and_its_checkpoint_resumes_at_pp1(ws, referenc
     resumed = run_distributed(_train, 2, args=(ws, {"tensor_model_parallel_size": 2}, ITERS, 4, None, ckpt),
                               timeout=240)[0]
     assert len(resumed) == 1 and _close([resumed[0][0]], [ref_losses[2]]), (resumed, ref_losses)
+
+
+def _extract_features(rank, world, ws, feature_dir):
+    from mm.builders import build_text_encoders, build_vae
+    from mm.config_upstream import load_data_config, load_model_json
+    from mm.data.extract_features import extract_features
+
+    spec = load_model_json(ws["model"])
+    t5, clip = build_text_encoders(spec)
+    return extract_features(load_data_config(ws["data"]), feature_dir, vae=build_vae(spec), t5=t5, clip=clip)
+
+
+def test_pp2_trains_from_the_feature_cache_like_pp1(ws, tmp_path):
+    """Every stage reads the same cached micro-batches (latents and text features, no encoders)."""
+    feature_dir = str(tmp_path / "features")
+    assert run_distributed(_extract_features, 1, args=(ws, feature_dir), timeout=180)[0] == 4
+    ref = run_distributed(_train, 1, args=(ws, {}, 2, 4, None, None, False, True, feature_dir), timeout=240)[0]
+    runs = run_distributed(_train, 2, args=(ws, {"pipeline_model_parallel_size": 2}, 2, 4, None, None, False, True,
+                                            feature_dir), timeout=240)
+    assert runs[0] == runs[1]
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*ref)
+    assert _close(losses, ref_losses) and _close(norms, ref_norms), (runs[0], ref)
