@@ -126,8 +126,6 @@ class ParallelConfig:
         check(v is None or self.pipeline_model_parallel_size > 1, "virtual_pipeline_model_parallel_size", v,
               "None unless pipeline_model_parallel_size > 1")
         check(isinstance(self.sequence_parallel, bool), "sequence_parallel", self.sequence_parallel, "True or False")
-        check(not self.encoder_data_parallel or self.pipeline_model_parallel_size == 1, "encoder_data_parallel",
-              self.encoder_data_parallel, "False when pipeline_model_parallel_size > 1 (spec §7.3)")
         check_positive("distributed_timeout_minutes", self.distributed_timeout_minutes)
         check_choice("context_parallel_algo", self.context_parallel_algo, CP_ALGOS)
         cp, u = self.context_parallel_size, self.ulysses_degree_in_cp

@@ -1,7 +1,7 @@
 """Encoder data parallelism (spec §7.3): encode once per TP x CP group and share the features.
 
-The loader is sharded over the whole world, so every rank of a TP x CP group of size G reads a
-different sample. Every G micro-steps each rank encodes its own sample with the frozen encoders and
+The loader is sharded over DP x TP x CP (every pipeline stage reads the same samples and has its own
+TP x CP group), so every rank of a TP x CP group of size G reads a different sample. Every G micro-steps each rank encodes its own sample with the frozen encoders and
 the features are all-gathered inside the group; micro-step j of the round uses entry j on every rank,
 so the group still computes on identical inputs (what TP/CP need) without encoding G times.
 Shapes must agree inside a group (the group sampler gives one shape per global batch).

@@ -137,11 +137,13 @@ class Trainer:
         self.rollbacks = 0
         self._skip_batches: dict[int, int] = {}  # iteration -> global batches to drop before it (rolled back)
 
-        # data: sharded over DP ranks, or over the whole world with encoder-DP
+        # data: sharded over DP ranks, or with encoder-DP over DP x TP x CP (group rank tp + TP * cp, megatron's
+        # order; the world rank at PP = 1): every pipeline stage reads the same samples and shares its own features
         from mm.data.loader import build_dataloader
 
         enc_dp = run.parallel.encoder_data_parallel
-        rank, replicas = (self.ps.rank, self.ps.world_size) if enc_dp else (self.ps.dp_rank, self.ps.dp_size)
+        rank, replicas = ((self.ps.dp_rank * self.group_size + self.ps.cp_rank * self.ps.tp_size + self.ps.tp_rank,
+                           self.ps.dp_size * self.group_size) if enc_dp else (self.ps.dp_rank, self.ps.dp_size))
         self.loader = build_dataloader(data_cfg, rank=rank, num_replicas=replicas,
                                        global_batch_size=tr.global_batch_size, num_workers=data_num_workers,
                                        index_dir=data_index)
@@ -491,9 +493,13 @@ class Trainer:
         mine = getattr(self.loader, "skips_this_run", {})
         assert set(mine) <= set(REASONS), f"unknown bad-sample reasons {set(mine) - set(REASONS)}"
         counts = torch.tensor([float(mine.get(r, 0)) for r in REASONS], device=self.device)
-        if dist.is_initialized():  # encoder-DP: every rank reads its own samples; else one reader per DP rank
-            self._beat("the bad-sample count all-reduce")
-            dist.all_reduce(counts, group=None if self.run.parallel.encoder_data_parallel else self.ps.dp_group)
+        if dist.is_initialized():  # encoder-DP: every rank of a stage reads its own samples (each pipeline stage
+            self._beat("the bad-sample count all-reduce")  # the same ones); else one reader per DP rank
+            if self.run.parallel.encoder_data_parallel:
+                dist.all_reduce(counts)
+                counts /= self.ps.pp_size
+            else:
+                dist.all_reduce(counts, group=self.ps.dp_group)
         total = dict(self._bad_before)
         for reason, n in zip(REASONS, counts.tolist()):
             if n:

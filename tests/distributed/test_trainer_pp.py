@@ -1,7 +1,8 @@
 """The trainer at PP > 1 (issue 14): PP = 2 logs the PP = 1 losses and grad norms (every stage gets the same
 micro-batches, sigma and noise; the embedder replicated on both stages gets the PP-summed gradient and is
 counted once in the norm), also with the distributed optimizer over DP = 2; a checkpoint saved at PP = 2
-resumes at PP = 1 and at TP = 2 with the PP = 1 run's next loss; the torchrun entry point trains at PP = 2."""
+resumes at PP = 1 and at TP = 2 with the PP = 1 run's next loss; the torchrun entry point trains at PP = 2; so
+does PP = 2 from the feature cache and with encoder-DP at TP = 2."""
 
 from __future__ import annotations
 
@@ -136,6 +137,18 @@ def test_pp2_trains_from_the_feature_cache_like_pp1(ws, tmp_path):
     runs = run_distributed(_train, 2, args=(ws, {"pipeline_model_parallel_size": 2}, 2, 4, None, None, False, True,
                                             feature_dir), timeout=240)
     assert runs[0] == runs[1]
+    losses, norms = zip(*runs[0])
+    ref_losses, ref_norms = zip(*ref)
+    assert _close(losses, ref_losses) and _close(norms, ref_norms), (runs[0], ref)
+
+
+def test_pp2_tp2_encoder_dp_trains_like_pp1_tp2_encoder_dp(ws):
+    """Encoder-DP per pipeline stage: both stages read the same samples (the loader shards over DP x TP x CP)
+    and each TP group encodes and shares its own features: the PP 1 x TP 2 encoder-DP losses and norms."""
+    par = {"tensor_model_parallel_size": 2, "encoder_data_parallel": True}
+    ref = run_distributed(_train, 2, args=(ws, par, 2, 4), timeout=240)[0]
+    runs = run_distributed(_train, 4, args=(ws, {**par, "pipeline_model_parallel_size": 2}, 2, 4), timeout=300)
+    assert all(r == runs[0] for r in runs)
     losses, norms = zip(*runs[0])
     ref_losses, ref_norms = zip(*ref)
     assert _close(losses, ref_losses) and _close(norms, ref_norms), (runs[0], ref)

@@ -46,8 +46,6 @@ def test_parallel_config_cross_field_rules():
     with pytest.raises(ValueError, match=_bad("virtual_pipeline_model_parallel_size", 2) + "None unless"):
         ParallelConfig(virtual_pipeline_model_parallel_size=2)  # VPP needs PP > 1
     ParallelConfig(pipeline_model_parallel_size=2, virtual_pipeline_model_parallel_size=2)
-    with pytest.raises(ValueError, match=_bad("encoder_data_parallel", True) + r"False when pipeline.*§7\.3"):
-        ParallelConfig(pipeline_model_parallel_size=2, encoder_data_parallel=True)
     ParallelConfig(encoder_data_parallel=True)
 
 
