@@ -15,7 +15,6 @@ import os
 from collections import Counter
 from typing import Any, Iterator, Sequence
 
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from mm.data.collate import Collator
@@ -99,15 +98,6 @@ def merge_sampler_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     merged["skipped"] = dict(skipped)
     merged["bad_samples"] = dict(sorted(bad.items(), key=lambda kv: int(kv[0])))
     return merged
-
-
-def sampler_coords(encoder_dp: bool = False, dp_group: Any = None) -> tuple[int, int]:
-    """(rank, num_replicas) for the sampler: the whole world with encoder-DP (§7.3), else the DP group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    if encoder_dp or dp_group is None:
-        return dist.get_rank(), dist.get_world_size()
-    return dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
 
 
 def build_text_processor(cfg: DataConfig, tokenizer: Any = None, tokenizer_2: Any = None) -> TextProcessor:

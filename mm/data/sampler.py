@@ -8,8 +8,9 @@ global_batch_size)`` only, **not** on the number of replicas, so every optimizer
 shape-homogeneous block whatever the data-parallel size.
 
 **Sharding.** Each micro-step consumes ``num_replicas × batch_size`` consecutive positions; replica ``r``
-takes positions ``[r·b, (r+1)·b)`` of that span. ``num_replicas`` is the data-parallel size, or the whole
-world with encoder-DP (§7.3: every rank reads its own sample; a TP×CP group shares them).
+takes positions ``[r·b, (r+1)·b)`` of that span. ``num_replicas`` is the data-parallel size, or
+DP x TP x CP with encoder-DP (§7.3: every rank of a pipeline stage reads its own sample; a TP×CP group
+shares them; every stage reads the same ones).
 ``num_replicas × batch_size`` must divide ``global_batch_size``.
 
 **State.** ``consumed_samples`` counts positions of the current epoch's global order that have been

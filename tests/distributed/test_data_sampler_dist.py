@@ -6,7 +6,7 @@ import torch.distributed as dist
 from harness import run_distributed
 from mm.data.config import DataConfig
 from mm.data.index import build_index
-from mm.data.loader import build_dataloader, merge_sampler_states, sampler_coords
+from mm.data.loader import build_dataloader, merge_sampler_states
 from mm.data.sampler import GroupedDistributedSampler
 from mm.data.synthetic import write_dataset
 
@@ -15,8 +15,7 @@ CFG = DataConfig(num_frames=17, min_num_frames=9, drop_short_ratio=0.0, max_heig
 
 
 def _rank_fn(rank, world_size, data_txt, resume_state):
-    r, n = sampler_coords(encoder_dp=True)
-    assert (r, n) == (rank, world_size)
+    r, n = rank, world_size  # each rank its own shard (as every rank of a PP stage under encoder-DP)
     loader = build_dataloader(CFG.replace(data_path=data_txt), rank=r, num_replicas=n, global_batch_size=4)
     if resume_state is not None:
         loader.load_state_dict(resume_state)
