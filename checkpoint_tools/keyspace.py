@@ -16,6 +16,7 @@ back where the target layout has them. The TP split dims come from the model
 
 from __future__ import annotations
 
+import abc
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,7 +53,7 @@ class TensorInfo:
 
 
 @dataclass
-class Source:
+class Source(abc.ABC):
     """A checkpoint opened for reading. Subclasses fill the metadata and implement :meth:`read`."""
 
     format: str
@@ -76,14 +77,15 @@ class Source:
                                   f"(it has: {', '.join(self.groups()) or 'none'})")
         return self.infos[group]
 
-    def read(self, group: str, key: str) -> torch.Tensor:  # full tensor in the released key space
-        raise NotImplementedError
+    @abc.abstractmethod
+    def read(self, group: str, key: str) -> torch.Tensor:
+        """The full tensor ``key`` of ``group`` in the released key space."""
 
     def files(self) -> list[Path]:
         return sorted(p for p in ([self.path] if self.path.is_file() else self.path.rglob("*")) if p.is_file())
 
     def close(self) -> None:
-        pass
+        """Release open files or memory maps; sources that hold none keep this default."""
 
 
 def weights_group(source: Source, ema: bool | None) -> str:
