@@ -8,6 +8,7 @@ or ``verify`` found problems, 2 bad input (one ``error:`` line naming the proble
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -85,11 +86,9 @@ def peak_rss_mib() -> float:
 def start_memory_watch() -> float:
     """RSS now (after imports and opening the source); resets the peak counter to it where Linux allows
     (``/proc/self/clear_refs``), so ``peak_rss_mib() - start`` is the memory the work itself used."""
-    try:
+    with contextlib.suppress(OSError):  # not Linux, or not allowed: the peak then counts from process start
         with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
             f.write("5")
-    except OSError:
-        pass
     now = _status_mib("VmRSS")
     return now if now is not None else peak_rss_mib()
 

@@ -326,13 +326,13 @@ def open_index(cfg: DataConfig, index_dir: str | None = None, *, workers: int | 
     try:
         return IndexStore(out_dir, key)
     except IndexInvalid as e:
-        first_reason = str(e)
+        reason = str(e)
     with file_lock(out_dir.rstrip("/") + ".lock"):
         try:
             return IndexStore(out_dir, key)  # built by another process while this one waited
-        except IndexInvalid:
-            pass
-        logger.warning("data index: building %s (%s)", out_dir, first_reason)
+        except IndexInvalid as e:
+            reason = str(e)  # still missing or stale: this process builds it
+        logger.warning("data index: building %s (%s)", out_dir, reason)
         build_store(cfg, out_dir, workers=workers or default_workers(cfg), progress=progress,
                     chunk_records=chunk_records, chunk_bytes=chunk_bytes)
         return IndexStore(out_dir, key)

@@ -47,7 +47,7 @@ DRY_RUN = False
 
 
 class CheckFailed(AssertionError):
-    pass
+    """A device check whose result is outside its tolerance (the message names the check and the numbers)."""
 
 
 def _expect(cond: bool, what: str) -> None:

@@ -69,16 +69,13 @@ def test_ema_decay_warmup_closed_form():
     assert ema_decay(10**7, 0.9999) == 0.9999
 
 
-def test_ema_adamw_matches_closed_form():
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(5))
-    ref = p.detach().clone()
-    opt = EmaAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, ema_decay_cap=0.9999)
-    plain = torch.optim.AdamW([ref_p := torch.nn.Parameter(ref.clone())], lr=0.1, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=0.01)
-    e = ref.clone()
-    for u in range(4):
-        g = torch.randn(5)
+
+def _steps_match_closed_form(opt, plain, p, ref_p, steps: int) -> torch.Tensor:
+    """Step ``opt`` (with EMA) and ``plain`` (without) on the same grads: the weights stay bitwise equal
+    (the inner step is untouched) and the EMA follows ``e <- d*e + (1-d)*w`` with the warm-up decay."""
+    e = p.detach().clone()
+    for u in range(steps):
+        g = torch.randn(p.numel())
         p.grad, ref_p.grad = g.clone(), g.clone()
         opt.step()
         plain.step()
@@ -86,6 +83,16 @@ def test_ema_adamw_matches_closed_form():
         e = d * e + (1 - d) * ref_p.detach()
         torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=0, atol=0)
         torch.testing.assert_close(opt.state[p][EMA_KEY], e, rtol=1e-6, atol=1e-7)
+    return e
+
+def test_ema_adamw_matches_closed_form():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    ref = p.detach().clone()
+    opt = EmaAdamW([p], lr=0.1, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, ema_decay_cap=0.9999)
+    plain = torch.optim.AdamW([ref_p := torch.nn.Parameter(ref.clone())], lr=0.1, betas=(0.9, 0.999), eps=1e-8,
+                              weight_decay=0.01)
+    e = _steps_match_closed_form(opt, plain, p, ref_p, 4)
     assert opt.param_groups[0]["ema_steps"] == 4
     sd = copy.deepcopy(opt.state_dict())
     q = torch.nn.Parameter(p.detach().clone())
@@ -104,16 +111,7 @@ def test_ema_composes_onto_another_optimizer_class():
     plain = FusedAdamStandIn([ref_p], lr=0.1, weight_decay=0.01)
     assert isinstance(opt, FusedAdamStandIn) and isinstance(opt, EmaStep) and type(opt).__name__ == "EmaFusedAdamStandIn"
     assert len(opt.state[p]) == 0  # nothing put into the state the inner class initialises itself
-    e = p.detach().clone()
-    for u in range(3):
-        g = torch.randn(6)
-        p.grad, ref_p.grad = g.clone(), g.clone()
-        opt.step()
-        plain.step()
-        d = ema_decay(u, 0.9999)
-        e = d * e + (1 - d) * ref_p.detach()
-        torch.testing.assert_close(p.detach(), ref_p.detach(), rtol=0, atol=0)  # the inner step is untouched
-        torch.testing.assert_close(opt.state[p][EMA_KEY], e, rtol=1e-6, atol=1e-7)
+    e = _steps_match_closed_form(opt, plain, p, ref_p, 3)
     assert opt.param_groups[0]["ema_steps"] == 3 and opt.param_groups[0]["step"] == 3
 
 

@@ -7,6 +7,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from faults_common import trainer, run_config
 from harness import run_distributed
 from test_preemption import _signal_at
@@ -25,12 +27,8 @@ def _preempted_then_faulted(rank, world, ws, root):
         return step(it, model)
 
     t.forward_step = forward_step
-    try:
+    with pytest.raises(RuntimeError):  # the injected fault ends the run
         t.train()
-    except RuntimeError:
-        pass
-    else:
-        raise AssertionError("the injected fault did not end the run")
     t.close()
     return preempted, json.loads((Path(root) / "run_summary.json").read_text())
 
