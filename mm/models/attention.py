@@ -40,7 +40,8 @@ class AttentionContext:
     """Per-forward inputs shared by every block: RoPE tables and the key-validity masks.
 
     ``video_keep`` ``[B, Lv]`` / ``text_keep`` ``[B, Lt]`` bool (True = valid) or None (all valid). Key masks
-    are built once per (k, pattern) and cached for the rest of the forward. ``video_len`` / ``text_len`` and
+    (per (k, pattern)) and the skiparse-CP RoPE tables (per layout) are built once and cached for the rest of
+    the forward (every block of the same kind reuses them). ``video_len`` / ``text_len`` and
     the masks are for the full (CP-padded) sequences, also under context parallelism (``cp``: the CP group,
     or None / size 1 for none); the RoPE tables are those of the chunk this rank attends with (the full
     sequence unless a ring runs).
@@ -56,22 +57,32 @@ class AttentionContext:
     cp: CPContext | None = None
     full_cos: torch.Tensor | None = None  # [Lv', 1, 1, hd] tables of the whole padded sequence (skiparse CP)
     full_sin: torch.Tensor | None = None
-    _masks: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     def key_mask(self, k: int, group: bool, batch: int, device) -> torch.Tensor | None:
         """``[k*B, L'/k + Lt]`` bool (True = attend), or None when every key is valid."""
         if self.video_keep is None and self.text_keep is None and skiparse.padded_length(self.video_len, k) == self.video_len:
             return None
         key = (k, group if k > 1 else False)
-        if key not in self._masks:
+        if key not in self._cache:
             v = self.video_keep
             if v is None:
                 v = torch.ones(batch, self.video_len, dtype=torch.bool, device=device)
             t = self.text_keep
             if t is None:
                 t = torch.ones(batch, self.text_len, dtype=torch.bool, device=device)
-            self._masks[key] = skiparse.key_padding_mask(v, t, k, group)
-        return self._masks[key]
+            self._cache[key] = skiparse.key_padding_mask(v, t, k, group)
+        return self._cache[key]
+
+    def subsequence_rope(self, layout: skiparse_cp.Layout) -> tuple[torch.Tensor, torch.Tensor]:
+        """Skiparse CP: cos, sin ``[Lv'/CP, 1, 1, hd]`` of the tokens this rank holds under ``layout``, gathered
+        from the full-sequence tables. Built once per forward and layout: the token index is a host tensor, and
+        moving it to an accelerator is a blocking copy (a host sync), which must not happen in every block."""
+        key = ("rope", layout)
+        if key not in self._cache:
+            ids = skiparse_cp.global_ids(self.video_len, self.cp.size, layout)[self.cp.rank].to(self.full_cos.device)
+            self._cache[key] = (self.full_cos.index_select(0, ids), self.full_sin.index_select(0, ids))
+        return self._cache[key]
 
     def ring_key_biases(self, k: int, group: bool, batch: int, ring: int, device) -> list:
         """One additive key bias ``[k*B, L'/(k*R) + Lt/R]`` per ring rank (0 = attend, ``MASKED_BIAS``): the
@@ -83,13 +94,13 @@ class AttentionContext:
         if mask is None:
             return [None] * ring
         key = ("ring", k, group if k > 1 else False, ring)
-        if key not in self._masks:
+        if key not in self._cache:
             lv, lt = skiparse.padded_length(self.video_len, k) // k // ring, self.text_len // ring
             bias = torch.zeros(mask.shape, dtype=torch.float32, device=device).masked_fill_(~mask, MASKED_BIAS)
             bias_v, bias_t = bias[:, :lv * ring], bias[:, lv * ring:]  # [kB, L'/k], [kB, Lt]
-            self._masks[key] = [torch.cat([bias_v[:, j * lv:(j + 1) * lv], bias_t[:, j * lt:(j + 1) * lt]], dim=1)
+            self._cache[key] = [torch.cat([bias_v[:, j * lv:(j + 1) * lv], bias_t[:, j * lt:(j + 1) * lt]], dim=1)
                                 for j in range(ring)]
-        return self._masks[key]
+        return self._cache[key]
 
 
 def joint_attention(
@@ -218,8 +229,7 @@ class JointAttention(nn.Module):
         attention is local; the caption keys/values/queries are all-gathered over CP and the sum of the
         caption outputs over the k sub-sequences is reduce-scattered back to the chunks (then / k)."""
         cp, k = ctx.cp, layout.k
-        ids = skiparse_cp.global_ids(ctx.video_len, cp.size, layout)[cp.rank].to(x_SBE.device)
-        cos, sin = ctx.full_cos.index_select(0, ids), ctx.full_sin.index_select(0, ids)
+        cos, sin = ctx.subsequence_rope(layout)
         q = mm.ops.apply_rope(self.norm_q(self._heads(self.to_q, x_SBE)), cos, sin, ctx.chunks)
         k_ = mm.ops.apply_rope(self.norm_k(self._heads(self.to_k, x_SBE)), cos, sin, ctx.chunks)
         v = self._heads(self.to_v, x_SBE)
