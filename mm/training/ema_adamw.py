@@ -202,19 +202,19 @@ def fuse_inner_optimizers(megatron_optimizer, device: torch.device) -> str:
     megatron builds TE/apex ``FusedAdam`` when either is installed (already fused) and torch's AdamW
     otherwise. torch's AdamW has a single-kernel ``fused`` implementation on CUDA (and on NPU where
     torch_npu registers it); it is switched on per param group, with its ``step`` counters on the device
-    as that kernel requires. Elsewhere (cpu: the reference; npu: torch_npu's ``NpuFusedAdamW`` packs params
-    into combined buffers, which the distributed optimizer's per-shard state cannot use) torch's
-    ``foreach`` path runs, and the returned description says so.
+    as that kernel requires. Elsewhere torch's default runs and the returned description names it: on cpu
+    the per-parameter for-loop (torch has no cpu foreach kernels, and its fused cpu kernel is not bitwise
+    equal to the reference the CPU tests pin); on npu the ``foreach`` path (torch_npu's ``NpuFusedAdamW``
+    packs params into combined buffers, which the distributed optimizer's per-shard state cannot use).
     """
-    from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+    from torch.utils._foreach_utils import _get_foreach_kernels_supported_devices, _get_fused_kernels_supported_devices
 
     names = set()
     for opt in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
         inner = opt.optimizer
         base = next(c for c in type(inner).__mro__ if not issubclass(c, EmaStep))
         if _is_torch_adam(inner):
-            # cpu stays on the reference (foreach) path the CPU tests pin; npu: torch_npu registers no
-            # "npu" entry here, so it runs foreach too
+            # cpu stays on the reference path the CPU tests pin; npu: torch_npu registers no "npu" entry here
             if device.type != "cpu" and device.type in _get_fused_kernels_supported_devices():
                 for group in inner.param_groups:
                     group["fused"], group["foreach"] = True, False
@@ -223,7 +223,8 @@ def fuse_inner_optimizers(megatron_optimizer, device: torch.device) -> str:
                         st["step"] = st["step"].to(device=device, dtype=torch.float32)
                 names.add(f"torch.optim.{base.__name__}(fused)")
             else:
-                names.add(f"torch.optim.{base.__name__}(foreach; no fused kernel on {device.type})")
+                path = "foreach" if device.type in _get_foreach_kernels_supported_devices() else "for-loop"
+                names.add(f"torch.optim.{base.__name__}({path}; not fused on {device.type})")
         else:
             names.add(f"{base.__module__}.{base.__name__}")
     return ", ".join(sorted(names)) + " + EMA"
