@@ -17,7 +17,11 @@ the last line is one JSON object ``{"bench": "train_step", "video_tokens": N, "m
 {"samples_per_s": .., "step_s": .., "fractions": {phase: ..}}, "cache": {...}}}``, also written to
 ``--out`` when given.
 
-    python bench/train_step.py [--frames 49] [--size 256] [--steps 3] [--batch 1] [--out FILE]
+``--profile N`` also runs the timed steps under ``torch.profiler`` (CPU, input shapes recorded) and prints,
+per mode, the N ops with the most self CPU time per step (with their input shapes), which is where a phase's
+time goes inside; the JSON gains ``"top_ops"`` per mode. The profiler's overhead inflates the phase times.
+
+    python bench/train_step.py [--frames 49] [--size 256] [--steps 3] [--batch 1] [--profile N] [--out FILE]
 """
 
 from __future__ import annotations
@@ -183,6 +187,37 @@ def _extract_features(paths: dict[str, str], features: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT, capture_output=True, text=True)
 
 
+class _StepProfiler:
+    """``torch.profiler`` over the timed steps only: started when the warm-up step logs, stopped when the last
+    timed step logs (so neither the warm-up's kernel builds nor the end-of-run summary are counted)."""
+
+    def __init__(self, steps: int) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        self.steps, self.logged = steps, 0
+        self.prof = profile(activities=[ProfilerActivity.CPU], record_shapes=True)
+
+    def wrap(self, log):
+        def profiled_log(*args, **kwargs):
+            out = log(*args, **kwargs)
+            self.logged += 1
+            if self.logged == 1:
+                self.prof.start()
+            elif self.logged == 1 + self.steps:
+                self.prof.stop()
+            return out
+
+        return profiled_log
+
+    def top_ops(self, n: int) -> list[dict]:
+        """The ``n`` (op, input shapes) pairs with the most self CPU time, per timed step."""
+        ops = sorted(self.prof.key_averages(group_by_input_shape=True), key=lambda e: -e.self_cpu_time_total)
+        total = sum(e.self_cpu_time_total for e in ops)
+        return [{"op": e.key, "shapes": str(e.input_shapes), "calls_per_step": e.count // self.steps,
+                 "self_s_per_step": round(e.self_cpu_time_total / 1e6 / self.steps, 4),
+                 "fraction": round(e.self_cpu_time_total / total, 4)} for e in ops[:n]]
+
+
 def _run_mode(paths: dict[str, str], args: argparse.Namespace) -> dict:
     from mm.config import CheckpointConfig, OptimizerConfig, ParallelConfig, RunConfig, TrainingConfig
     from mm.config_upstream import load_data_config, load_model_json
@@ -211,6 +246,9 @@ def _run_mode(paths: dict[str, str], args: argparse.Namespace) -> dict:
         return out
 
     trainer._log = log_and_finish
+    profiler = _StepProfiler(args.steps) if args.profile else None
+    if profiler is not None:
+        trainer._log = profiler.wrap(log_and_finish)
     finished_steps.append(time.perf_counter())
     with stack:
         trainer.train()
@@ -221,13 +259,16 @@ def _run_mode(paths: dict[str, str], args: argparse.Namespace) -> dict:
     step_s = sum(s["step_wall"] for s in measured) / len(measured)
     mean = {p: sum(s[p] for s in split) / len(split) for p in PHASES}
     total = sum(mean.values())
-    return {
+    result = {
         "samples_per_s": round(args.batch / step_s, 4),
         "step_s": round(step_s, 3),
         "fractions": {p: round(mean[p] / total, 4) for p in PHASES},
         "seconds": {p: round(mean[p], 4) for p in PHASES},
         "latent_shape": list(tokens),
     }
+    if profiler is not None:
+        result["top_ops"] = profiler.top_ops(args.profile)
+    return result
 
 
 def main() -> None:
@@ -240,6 +281,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--clips", type=int, default=4)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="profile the timed steps and print the N ops with the most self CPU time")
     parser.add_argument("--out", help="also write the JSON summary to this file")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -271,10 +314,16 @@ def main() -> None:
         print(f"{p:>10} | " + " | ".join(f"{c:>16}" for c in cells))
     print(f"{'step':>10} | " + " | ".join(f"{results[m]['step_s']:15.3f}s" for m in results))
     print(f"{'samples/s':>10} | " + " | ".join(f"{results[m]['samples_per_s']:16.4f}" for m in results))
+    for mode in (m for m in results if "top_ops" in results[m]):
+        print(f"\n{mode}: top {args.profile} ops by self CPU time per step (profiled steps)")
+        for op in results[mode]["top_ops"]:
+            print(f"{op['self_s_per_step']:9.4f}s {op['fraction']:6.1%} {op['calls_per_step']:6d}x  {op['op'][:48]:48} "
+                  f"{op['shapes'][:100]}")
     summary = {
         "bench": "train_step",
         "video_tokens": video_tokens,
-        "modes": {m: {k: r[k] for k in ("samples_per_s", "step_s", "fractions")} for m, r in results.items()},
+        "modes": {m: {k: r[k] for k in ("samples_per_s", "step_s", "fractions", "top_ops") if k in r}
+                  for m, r in results.items()},
     }
     emit(summary, args.out)
 
