@@ -1,5 +1,5 @@
 """``fuse_inner_optimizers`` names the AdamW implementation torch really runs on the CPU (the trainer's start-up
-summary and the training-step bench read it): the per-parameter for-loop, not foreach and not fused."""
+summary prints it): the per-parameter for-loop, not foreach and not fused."""
 
 import types
 
