@@ -8,7 +8,8 @@ it. Module and parameter names follow the released checkpoint (spec §4.8): caus
 ``nn.Conv3d`` under ``.conv``, 2-D convs are plain ``nn.Conv2d`` subclasses, norms keep their
 ``nn.LayerNorm`` under ``.norm``.
 
-Memory: activations stay contiguous [B, C, T, H, W]; without autograd a norm + SiLU is written frame
+Memory: activations are [B, C, T, H, W] in the layout ``mm.ops.conv3d.activation_layout`` gives them at each
+network's entry (channels-last on CPU) and every op keeps it; without autograd a norm + SiLU is written frame
 by frame straight into the padded input buffer of the convolution that follows it, residual sums are
 added in place into the convolution output, and blocks drop an activation before the next
 convolution runs, so a resnet block holds at most its input, one padded activation and one output.
@@ -25,7 +26,7 @@ from torch import nn
 
 import mm.ops
 from mm.models.vae_streaming import Stream, causal_pad
-from mm.ops.conv3d import conv3d
+from mm.ops.conv3d import CHANNELS_LAST, channels_last_activations, conv3d, layout_of
 
 NORM_EPS = 1e-6
 
@@ -70,8 +71,8 @@ class CausalConv3d(nn.Module):
 class FrameConv2d(nn.Conv2d):
     """Conv2d applied to every frame independently (no temporal reach).
 
-    Computed as a conv3d with a (1, kh, kw) kernel on the [B, C, T, H, W] layout: the same sums as the
-    2-D convolution on [(B T), C, H, W] (bitwise on CPU, mm.ops.conv3d) without the two layout copies.
+    Computed as a conv3d with a (1, kh, kw) kernel on the [B, C, T, H, W] tensor: the same sums as the
+    2-D convolution on [(B T), C, H, W] without the two layout copies.
     """
 
     def convolve(self, x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +80,26 @@ class FrameConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         return self.convolve(x)
+
+
+def match_weight_layout(module: nn.Module, x: torch.Tensor) -> None:
+    """Lay out the convolution weights of ``module`` like the activations x will give (channels-last on
+    CPU, ``mm.ops.conv3d``), in place; a no-op when they already are, so it is called on every entry.
+
+    Weights are replaced, not copied per call: a loaded checkpoint's tensors come in the file's layout,
+    and a per-call copy would add a weight-sized buffer to every convolution.
+    """
+    channels_last = channels_last_activations(x)
+    for layer in module.modules():
+        if isinstance(layer, CausalConv3d):
+            weight, layout = layer.conv.weight, CHANNELS_LAST
+        elif isinstance(layer, FrameConv2d):
+            weight, layout = layer.weight, torch.channels_last  # its (1, kh, kw) view is channels-last-3d
+        else:
+            continue
+        layout = layout if channels_last else torch.contiguous_format
+        if not weight.is_contiguous(memory_format=layout):
+            weight.data = weight.data.contiguous(memory_format=layout)
 
 
 class ChannelLayerNorm(nn.Module):
@@ -92,15 +113,15 @@ class ChannelLayerNorm(nn.Module):
         return mm.ops.layer_norm(x_channels_last, self.norm.weight, self.norm.bias, self.norm.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # [B, C, T, H, W] -> [B, T, H, W, C] -> back
-        return self._normalise(x.movedim(1, -1)).movedim(-1, 1).contiguous()
+        # [B, C, T, H, W] -> [B, T, H, W, C] -> back (a view for channels-last x, else one copy)
+        return self._normalise(x.movedim(1, -1)).movedim(-1, 1).contiguous(memory_format=layout_of(x))
 
     def silu_into(self, x: torch.Tensor, out: torch.Tensor) -> None:
         """Write ``SiLU(norm(x))`` into ``out`` ([B, C, T, H, W], any strides) one frame at a time.
 
         The same per-position arithmetic as ``F.silu(forward(x))``, but the only activation-sized
-        tensor is ``out`` (the whole-tensor path holds a channels-last copy of x, the norm's output and
-        its contiguous copy at once). No autograd.
+        tensor is ``out`` (the whole-tensor path holds the norm's output and, for plain-layout x, its
+        channels-last copy and its copy back). No autograd.
         """
         for t in range(x.shape[2]):
             y = self._normalise(x[:, :, t].movedim(1, -1))  # [B, C, H, W] -> [B, H, W, C]
@@ -125,7 +146,7 @@ def activated_input(
         return conv.pad(h, stream) if isinstance(conv, CausalConv3d) else h
     if isinstance(conv, CausalConv3d):
         return conv.pad(x, stream, write=lambda slot: norm.silu_into(x, slot))
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=layout_of(x))
     norm.silu_into(x, h)
     return h
 
@@ -254,7 +275,7 @@ class CausalUpsample3D(nn.Module):
             assert committed >= 1, (xf.shape[2], stream.lookahead)
             # last committed frame of the rest sequence (which starts at frame 1 of the first chunk)
             carry_start = max(committed - 1, 1) if first_chunk else committed - 1
-            stream.cache.set(self, xf[:, :, carry_start:committed].clone())
+            stream.cache.keep(self, xf[:, :, carry_start:committed])
             if stream.lookahead:
                 # the last output needs the frame after the look-ahead; nothing downstream needs it
                 frames = frames[:, :, :-1]

@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm.ops.conv3d import layout_of
+
 
 class TemporalCache:
     """Left temporal context carried from one chunk to the next, one entry per layer."""
@@ -50,6 +52,28 @@ class TemporalCache:
 
     def set(self, layer: nn.Module, value: Any) -> None:
         self._entries[layer] = value
+
+    def keep(self, layer: nn.Module, frames: torch.Tensor) -> None:
+        """Store a copy of ``frames`` as the layer's entry (not a view: the cache must not hold the chunk).
+
+        Without autograd the copy goes into the previous entry's storage when it has the same shape and
+        layout (every chunk after the first): the long-lived entries then keep their place in the host
+        heap chunk after chunk instead of pinning new places between the chunk's transient activations,
+        which fragments the heap and makes the peak resident memory grow with the number of chunks.
+        The previous entry must have been read already (every layer reads its entry before keeping the
+        next one).
+        """
+        old = self._entries.get(layer)
+        if (
+            isinstance(old, torch.Tensor)
+            and not torch.is_grad_enabled()
+            and old.shape == frames.shape
+            and old.dtype == frames.dtype
+            and layout_of(old) == layout_of(frames)
+        ):
+            old.copy_(frames)
+        else:
+            self._entries[layer] = frames.clone(memory_format=layout_of(frames))
 
 
 @dataclass(frozen=True)
@@ -81,8 +105,8 @@ def causal_pad(
     copy (the downsample's spatial padding; carried frames already hold them). With ``write``, the
     frames are not copied from x: ``write(slot)`` fills their slot of the buffer (x gives only shape,
     dtype and device), so a producer such as a norm can write its output straight into place.
-    x [B, C, T, H, W] -> contiguous [B, C, context + T, H + pad_hw_end, W + pad_hw_end]; x itself when
-    there is nothing to add.
+    x [B, C, T, H, W] -> [B, C, context + T, H + pad_hw_end, W + pad_hw_end], dense in x's layout
+    (``mm.ops.conv3d.layout_of``); x itself when there is nothing to add.
     """
     batch, channels, frames, height, width = x.shape
     carried = stream.cache.get(owner) if stream is not None and stream.cache.has(owner) else None
@@ -92,7 +116,7 @@ def causal_pad(
     else:
         # one buffer written once, instead of a concatenation (and a separate spatial pad)
         shape = (batch, channels, context + frames, height + pad_hw_end, width + pad_hw_end)
-        padded = x.new_empty(shape)
+        padded = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=layout_of(x))
         if pad_hw_end:
             padded[:, :, :, height:].zero_()
             padded[:, :, :, :height, width:].zero_()
@@ -111,8 +135,7 @@ def causal_pad(
         next_window_start = complete_windows * stride_t
         carry = padded[:, :, next_window_start:committed]
         assert complete_windows >= 1 and carry.shape[2] < kernel_t, (committed, kernel_t, stride_t)
-        # clone so the cache holds only the carried frames, not the whole padded chunk
-        stream.cache.set(owner, carry.clone())
+        stream.cache.keep(owner, carry)
     return padded
 
 

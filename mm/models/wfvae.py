@@ -26,9 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mm.models.vae_layers import match_weight_layout
 from mm.models.vae_spatial_tiling import SpatialTile, TileBlender, plan_tiles
 from mm.models.vae_streaming import Stream, TemporalCache, decoder_chunks, encoder_chunks
 from mm.models.wfvae_coders import RGB, Decoder, Encoder
+from mm.ops.memory import release_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -385,7 +387,9 @@ class WFVAE(nn.Module):
         """
         _check_tensor("video", _detached(video), RGB)
         _check_video_size(*video.shape[2:])
-        moments = self._encode_moments(video.to(device=self.device, dtype=self.dtype))
+        video = video.to(device=self.device, dtype=self.dtype)
+        match_weight_layout(self.encoder, video)
+        moments = self._encode_moments(video)
         mean, logvar = moments.chunk(2, dim=1)  # [B, 2*latent, t, h, w] -> [B, latent, t, h, w] each
         return mean, logvar.clamp(*LOGVAR_RANGE)
 
@@ -420,7 +424,9 @@ class WFVAE(nn.Module):
                     blender.add(tile, self.encoder.forward_local(frames[..., rows, cols], stream))
                 h = blender.result()
             moments.append(self.encoder.forward_latent(h, streams[0]))
-        return torch.cat(moments, dim=2)
+            if len(chunks) > 1:
+                release_host_memory(x.device)  # this chunk's freed activations (see mm.ops.memory)
+        return torch.cat(moments, dim=2).contiguous()  # plain layout for the caller
 
     # ---------------------------------------------------------------- decode
 
@@ -438,7 +444,9 @@ class WFVAE(nn.Module):
         ``mm.training.vae_fit``. Runs and returns in the VAE dtype.
         """
         _check_tensor("latents", _detached(z), self.config.latent_dim)
-        return self._decode_frames(z.to(device=self.device, dtype=self.dtype))
+        z = z.to(device=self.device, dtype=self.dtype)
+        match_weight_layout(self.decoder, z)
+        return self._decode_frames(z)
 
     def _decode_frames(self, z: torch.Tensor) -> torch.Tensor:
         """Decoder output, streamed in latent chunks (one look-ahead latent) / spatial tiles when enabled."""
@@ -482,6 +490,7 @@ class WFVAE(nn.Module):
             out[:, :, written : written + chunk.shape[2]] = chunk  # the decoder dropped the look-ahead frames
             written += chunk.shape[2]
             del h, l2, chunk  # free this chunk's activations before the next one is computed
+            release_host_memory(z.device)
         assert written == frames, (written, frames)
         return out
 

@@ -32,6 +32,7 @@ from mm.models.vae_layers import (
 )
 from mm.models.vae_streaming import Stream
 from mm.models.wavelet import HaarWaveletTransform3D, InverseHaarWaveletTransform3D
+from mm.ops.conv3d import activation_layout
 
 RGB = 3
 COEFFS = 24  # 8 Haar subbands x 3 colour channels
@@ -94,6 +95,8 @@ class Encoder(nn.Module):
         coeffs = self.wavelet_transform_in(x, stream)  # [B, 24, 61, 288, 512]
         l1_coeffs = self.wavelet_transform_l1(coeffs[:, :RGB], stream)  # [B, 24, 31, 144, 256], LLL band again
         l2_coeffs = self.wavelet_transform_l2(l1_coeffs[:, :RGB], stream)  # [B, 24, 16, 72, 128]
+        # the wavelets run on the plain layout; the convolutions in the device's activation layout
+        coeffs, l1_coeffs, l2_coeffs = (activation_layout(c) for c in (coeffs, l1_coeffs, l2_coeffs))
 
         h, _ = _run(self.down1, coeffs, stream)  # [B, 160, 31, 144, 256]
         h = torch.cat([h, self.connect_l1(l1_coeffs)], dim=1)  # [B, 288, 31, 144, 256]
@@ -102,7 +105,7 @@ class Encoder(nn.Module):
 
     def forward_latent(self, h: torch.Tensor, stream: Stream | None = None) -> torch.Tensor:
         """The latent-resolution part: mid blocks (attention over the whole frame) and output head."""
-        h, _ = _run(self.mid, h, stream)  # [B, 640, 16, 72, 128]
+        h, _ = _run(self.mid, activation_layout(h), stream)  # [B, 640, 16, 72, 128] (h: blended tiles or not)
         h = activated_input(self.norm_out, self.conv_out, h, stream)  # the mid output is freed here
         return self.conv_out.convolve(h)  # [B, 64, 16, 72, 128]
 
@@ -161,7 +164,7 @@ class Decoder(nn.Module):
         Returns the trunk features and the reconstructed level-2 low band (3 channels, 2x resolution).
         """
         ef = self.energy_flow_hidden_size
-        h = self.conv_in(z, stream)  # [B, 640, 16, 72, 128]
+        h = self.conv_in(activation_layout(z), stream)  # [B, 640, 16, 72, 128]
         h, _ = _run(self.mid, h, stream)  # [B, 768, 16, 72, 128]
         l2_coeffs, _ = _run(self.connect_l2, h[:, -ef:], stream)  # [B, 24, 16, 72, 128]
         # upstream applies the module named "..._l1" to the level-2 path (identical transforms, spec §4.5)

@@ -13,7 +13,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mm.models.vae_layers import CausalConv3d, CausalUpsample3D, ChannelLayerNorm, FrameConv2d, ResnetBlock3D
 from mm.models.vae_streaming import Stream, TemporalCache, causal_pad
 from mm.models.wfvae import WFVAE, WFVAEConfig, tiny_wfvae_config
-from mm.ops.conv3d import conv3d
+from mm.ops.conv3d import CHANNELS_LAST, activation_layout, conv3d, layout_of
+from mm.ops.memory import release_host_memory
 
 
 class LiveBytes(TorchDispatchMode):
@@ -56,20 +57,23 @@ def _peak_bytes(fn, *args) -> int:
     return mode.peak
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize(
     "kernel,stride,padding",
     [((3, 3, 3), 1, (0, 1, 1)), ((3, 3, 3), 2, (0, 0, 0)), ((1, 3, 3), 1, (0, 1, 1)), ((1, 1, 1), 1, (0, 0, 0))],
 )
-def test_conv3d_matches_torch(kernel, stride, padding):
-    """oneDNN (or F.conv3d for 1x1x1) = F.conv3d up to rounding, also through autograd."""
+def test_conv3d_matches_torch(kernel, stride, padding, channels_last):
+    """oneDNN = F.conv3d up to rounding in either layout, also through autograd; the output keeps x's layout."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 6, 5, 9, 9, generator=g, requires_grad=True)
+    x = torch.randn(1, 6, 5, 9, 9, generator=g)
+    x = (x.contiguous(memory_format=CHANNELS_LAST) if channels_last else x).requires_grad_()
     w = (torch.randn(4, 6, *kernel, generator=g) / 10).requires_grad_()
     b = torch.randn(4, generator=g)
     stride3 = (stride,) * 3
     y = conv3d(x, w, b, stride3, padding)
     ref = F.conv3d(x, w, b, stride3, padding)
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=CHANNELS_LAST if channels_last else torch.contiguous_format)
     grads = torch.autograd.grad(y.square().sum(), (x, w))
     ref_grads = torch.autograd.grad(ref.square().sum(), (x, w))
     for got, want in zip(grads, ref_grads):
@@ -154,3 +158,78 @@ def test_tiled_decode_memory_is_flat_in_frames():
         peaks[latents] = _peak_bytes(vae.decode, z) - output
     # without chunking the activations of 65 frames need about twice those of 33 frames
     assert peaks[9] <= 1.03 * peaks[5], peaks
+
+
+def test_layout_of_follows_channels_last_tensors_and_their_slices():
+    x = torch.randn(1, 8, 3, 4, 4)
+    assert layout_of(x) == torch.contiguous_format
+    cl = activation_layout(x)  # float32 on a CPU with oneDNN: channels-last
+    assert cl.is_contiguous(memory_format=CHANNELS_LAST) and torch.equal(cl, x)
+    assert layout_of(cl) == layout_of(cl[:, 2:5]) == layout_of(cl[..., 1:3, :]) == CHANNELS_LAST
+    assert activation_layout(x.double()) is not None and layout_of(activation_layout(x.double())) == torch.contiguous_format
+
+
+def test_cache_keeps_its_storage_from_chunk_to_chunk():
+    """Without autograd a same-shaped entry is copied into the previous entry's storage (its heap place stays),
+    never aliasing the chunk; with autograd every entry is a fresh copy."""
+    cache, owner = TemporalCache(), torch.nn.Identity()
+    chunk = torch.randn(1, 4, 5, 3, 3).contiguous(memory_format=CHANNELS_LAST)
+    with torch.no_grad():
+        cache.keep(owner, chunk[:, :, -2:])
+        first = cache.get(owner)
+        assert first.untyped_storage().data_ptr() != chunk.untyped_storage().data_ptr()
+        assert layout_of(first) == CHANNELS_LAST and torch.equal(first, chunk[:, :, -2:])
+        chunk2 = torch.randn(1, 4, 5, 3, 3).contiguous(memory_format=CHANNELS_LAST)
+        cache.keep(owner, chunk2[:, :, -2:])
+        assert cache.get(owner) is first and torch.equal(first, chunk2[:, :, -2:])
+        chunk2.zero_()
+        assert not torch.equal(first, chunk2[:, :, -2:])  # a copy, not a view of the chunk
+        cache.keep(owner, chunk2[:, :, -1:])  # another shape: a new entry
+        assert cache.get(owner) is not first and cache.get(owner).shape[2] == 1
+    frames = torch.randn(1, 4, 1, 3, 3, requires_grad=True)
+    cache.keep(owner, frames)
+    assert cache.get(owner).requires_grad and cache.get(owner).grad_fn is not None
+
+
+def test_vae_runs_channels_last_on_cpu_and_returns_plain_tensors():
+    """Convolution weights are laid out once (in place), every 3-D activation is channels-last, outputs plain;
+    tiled and untiled agree bitwise."""
+    vae = _tiny()
+    seen = []
+
+    def record(module, args, out):
+        seen.append((type(module).__name__, layout_of(args[0]), layout_of(out)))
+
+    for layer in list(vae.encoder.mid) + list(vae.decoder.up1) + [vae.encoder.down1[1]]:
+        layer.register_forward_hook(record)
+    g = torch.Generator().manual_seed(3)
+    video = torch.rand(1, 3, 17, 32, 32, generator=g) * 2 - 1
+    z = vae.encode(video)
+    assert z.is_contiguous()
+    weight = vae.encoder.conv_out.conv.weight
+    assert weight.is_contiguous(memory_format=CHANNELS_LAST)
+    assert vae.encoder.down1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    frames = vae.decode(z)
+    assert layout_of(frames) == torch.contiguous_format  # (the first frame dropped: a slice of a plain tensor)
+    assert seen and all(fmt_in == fmt_out == CHANNELS_LAST for _, fmt_in, fmt_out in seen), seen
+    vae.use_tiling = True
+    assert torch.equal(vae.encode(video), z) and torch.equal(vae.decode(z), frames)
+    # the layout is kept across calls: weights are not converted again
+    data = weight.data_ptr()
+    vae.encode(video)
+    assert vae.encoder.conv_out.conv.weight.data_ptr() == data
+
+
+def test_release_host_memory_returns_freed_heap_pages():
+    """glibc keeps freed small blocks in its heap; trimming returns their pages (the tiled VAE calls it per chunk)."""
+    import psutil
+
+    assert not release_host_memory(torch.device("meta"))  # accelerator/meta tensors: nothing to do
+    blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KiB each, below glibc's mmap threshold: heap
+    keep = blocks[-1]  # pins the top of the heap, so only trimming (not the heap shrinking) can return pages
+    del blocks
+    before = psutil.Process().memory_info().rss
+    assert release_host_memory(torch.device("cpu"))
+    freed = before - psutil.Process().memory_info().rss
+    assert freed > 100 * 2**20, freed / 2**20
+    assert keep.sum() == 16 * 1024
