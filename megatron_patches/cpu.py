@@ -3,7 +3,8 @@
 P1, P4 and P5 act only when the *calling frame* is a ``megatron.*`` module, so project code that
 hard-codes CUDA still fails on the CPU CI (which keeps the code base portable to NPU). Each patch has a
 test in ``tests/unit/test_megatron_patches.py`` that disables it and shows megatron failing, so an
-upgrade that fixes one upstream is noticed.
+upgrade that fixes one upstream is noticed. P10 (``single_rank_gloo.*``) is for speed, not need: its
+tests (``tests/distributed/test_single_rank_collectives.py``) show it skips gloo and changes no bit.
 
 Deliberately not patched (the same test file checks these stay harmless): ``torch.cuda.empty_cache``
 (already a no-op while CUDA is uninitialised), ``torch.cuda.stream`` (accepts the null stream below) and
@@ -292,6 +293,131 @@ def _rng_state_set(_original):
     return _set_cuda_rng_state
 
 
+# ---------------------------------------------------------------------------- P10: 1-rank gloo collectives
+# With one data-parallel rank, DDP's grad reduce-scatter and the distributed optimizer's param all-gather
+# (param_and_grad_buffer.start_grad_sync / start_param_sync) are identities, but gloo still runs them:
+# reduce_scatter_single(_coalesced) copies the whole fp32 grad buffer three times per step and the
+# all-gather walks the param buffer (111M elements on the mid-size bench: ~1.4 s + ~0.3 s on one core,
+# ~1.5 s of an 11.5 s step). megatron scales the grads by
+# gradient_scaling_factor *before* the collective, so skipping the call changes no number. Only gloo
+# groups of size 1 take the short cut, and only for calls the original accepts (same shape, dtype and
+# device, contiguous, an op gloo can apply to the dtype); everything else goes to the original, which
+# keeps its errors. all_reduce is left alone: gloo already returns at once for one rank (0.2 ms on a
+# 445 MB buffer, coalesced or not).
+_RS_TARGET = "megatron.core.distributed.param_and_grad_buffer:dist_reduce_scatter_func"
+_AG_TARGET = "megatron.core.distributed.param_and_grad_buffer:dist_all_gather_func"
+
+
+def _reduction_is_identity(op, t: torch.Tensor) -> bool:
+    """One rank reduces to itself for these ops, on the dtypes gloo accepts them for (AVG: floating only)."""
+    R = torch.distributed.ReduceOp
+    if t.is_complex():
+        return False
+    return op in (R.SUM, R.PRODUCT, R.MIN, R.MAX) or (op == R.AVG and t.is_floating_point())
+
+
+def _is_single_rank_gloo(group) -> bool:
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _get_default_group
+
+    if group is None:
+        if not dist.is_initialized():
+            return False
+        group = _get_default_group()
+    if not isinstance(group, dist.ProcessGroup) or group.size() != 1:
+        return False
+    try:
+        return dist.get_backend(group) == dist.Backend.GLOO
+    except (ValueError, RuntimeError):  # a destroyed/unknown group: the original reports it
+        return False
+
+
+def _identity_applies(output, input, group) -> bool:
+    """True when ``output <- input`` is exactly what the size-1 gloo collective would do."""
+    from torch.overrides import has_torch_function
+
+    if not (isinstance(output, torch.Tensor) and isinstance(input, torch.Tensor)):
+        return False
+    if has_torch_function((output, input)):  # functional-collective / tracing modes: their own handling
+        return False
+    if (output.shape != input.shape or output.dtype != input.dtype or output.device != input.device
+            or not output.is_contiguous() or not input.is_contiguous()):
+        return False
+    return _is_single_rank_gloo(group)
+
+
+def _same_or_disjoint(output, input) -> bool | None:
+    """True: the same memory; False: disjoint; None: partly overlapping (left to the original)."""
+    n = input.numel() * input.element_size()
+    a, b = output.data_ptr(), input.data_ptr()
+    if a == b:
+        return True
+    return False if (a + n <= b or b + n <= a) else None
+
+
+def _completed_work():
+    fut = torch.futures.Future()
+    fut.set_result(None)
+    return torch._C._distributed_c10d._create_work_from_future(fut)
+
+
+def _identity(output, input, async_op):
+    same = _same_or_disjoint(output, input)
+    if same is None:
+        return False, None
+    if not same:
+        with torch.no_grad():
+            output.copy_(input)
+    return True, (_completed_work() if async_op else None)
+
+
+def _expect_torch_collective(original, names: tuple[str, ...], target: str):
+    import torch.distributed as dist
+
+    if not hasattr(torch._C._distributed_c10d, "_create_work_from_future"):
+        raise RuntimeError("megatron patch single_rank_gloo: this torch lacks _create_work_from_future, which "
+                           "makes the completed work handle of an async call; re-check the patch")
+    expected = [getattr(dist, n) for n in names if hasattr(dist, n)]
+    if original is None or not any(original is e for e in expected):
+        raise RuntimeError(
+            f"megatron patch single_rank_gloo: {target} is {original!r}, expected one of torch.distributed."
+            f"{{{', '.join(names)}}}; megatron-core changed (verified on {VERIFIED_MEGATRON}), re-check "
+            "param_and_grad_buffer's collectives before re-enabling this patch")
+
+
+def _single_rank_reduce_scatter(original):
+    _expect_torch_collective(original, ("reduce_scatter_tensor", "_reduce_scatter_base", "reduce_scatter_single"),
+                             _RS_TARGET)
+    sum_op = torch.distributed.ReduceOp.SUM
+
+    @functools.wraps(original)
+    def reduce_scatter(output, input, op=sum_op, group=None, async_op=False):
+        if _identity_applies(output, input, group) and _reduction_is_identity(op, input):
+            done, work = _identity(output, input, async_op)
+            if done:
+                return work
+        return original(output, input, op=op, group=group, async_op=async_op)
+
+    reduce_scatter.__wrapped_original__ = original
+    return reduce_scatter
+
+
+def _single_rank_all_gather(original):
+    _expect_torch_collective(original, ("all_gather_into_tensor", "_all_gather_base", "all_gather_single"),
+                             _AG_TARGET)
+
+    @functools.wraps(original)
+    def all_gather(output_tensor, input_tensor, group=None, async_op=False):
+        if _identity_applies(output_tensor, input_tensor, group):
+            done, work = _identity(output_tensor, input_tensor, async_op)
+            if done:
+                return work
+        return original(output_tensor, input_tensor, group=group, async_op=async_op)
+
+    all_gather.__wrapped_original__ = original
+    return all_gather
+
+
 PATCHES: list[Patch] = [
     Patch(
         "paged_stash_stub",
@@ -348,4 +474,9 @@ PATCHES: list[Patch] = [
           "megatron.core.dist_checkpointing.strategies.filesystem_async:get_write_results_queue",
           _local_results_queue,
           "a spawn-context Manager re-imports __main__ (3-6 s, hangs unguarded scripts); sync saves need a local queue"),
+    Patch("single_rank_gloo.reduce_scatter", _RS_TARGET, _single_rank_reduce_scatter,
+          "speed only: DDP's grad reduce-scatter on a 1-rank gloo group is an identity that copies the grad "
+          "buffer 3x per step"),
+    Patch("single_rank_gloo.all_gather", _AG_TARGET, _single_rank_all_gather,
+          "speed only: the distributed optimizer's param all-gather on a 1-rank gloo group is an identity"),
 ]

@@ -561,6 +561,8 @@ COVERED = [
     "paged_stash_stub", "cuda_device.current_device", "cuda_device.synchronize", *DEFENSIVE, *DDP_STEP, *RNG,
     "cuda_rng.set_rng_state", "cuda_literals.Tensor.cuda", "torch_norm_sp", *P7,
     "no_dynamo", "ckpt_sync_results_queue",
+    # P10, for speed: tests/distributed/test_single_rank_collectives.py
+    "single_rank_gloo.reduce_scatter", "single_rank_gloo.all_gather",
 ]
 
 
