@@ -30,7 +30,6 @@ from mm.models.vae_layers import match_weight_layout
 from mm.models.vae_spatial_tiling import SpatialTile, TileBlender, plan_tiles
 from mm.models.vae_streaming import Stream, TemporalCache, decoder_chunks, encoder_chunks
 from mm.models.wfvae_coders import RGB, Decoder, Encoder
-from mm.ops.memory import release_host_memory
 
 logger = logging.getLogger(__name__)
 
@@ -424,8 +423,6 @@ class WFVAE(nn.Module):
                     blender.add(tile, self.encoder.forward_local(frames[..., rows, cols], stream))
                 h = blender.result()
             moments.append(self.encoder.forward_latent(h, streams[0]))
-            if len(chunks) > 1:
-                release_host_memory(x.device)  # this chunk's freed activations (see mm.ops.memory)
         return torch.cat(moments, dim=2).contiguous()  # plain layout for the caller
 
     # ---------------------------------------------------------------- decode
@@ -490,7 +487,6 @@ class WFVAE(nn.Module):
             out[:, :, written : written + chunk.shape[2]] = chunk  # the decoder dropped the look-ahead frames
             written += chunk.shape[2]
             del h, l2, chunk  # free this chunk's activations before the next one is computed
-            release_host_memory(z.device)
         assert written == frames, (written, frames)
         return out
 

@@ -224,12 +224,13 @@ def test_release_host_memory_returns_freed_heap_pages():
     """glibc keeps freed small blocks in its heap; trimming returns their pages (the tiled VAE calls it per chunk)."""
     import psutil
 
-    assert not release_host_memory(torch.device("meta"))  # accelerator/meta tensors: nothing to do
+    assert not release_host_memory(torch.empty(2**22, device="meta"))  # accelerator/meta tensors: nothing to do
+    assert not release_host_memory(torch.empty(1024))  # a small activation: not worth a trim
     blocks = [torch.ones(16 * 1024) for _ in range(4000)]  # 64 KiB each, below glibc's mmap threshold: heap
     keep = blocks[-1]  # pins the top of the heap, so only trimming (not the heap shrinking) can return pages
     del blocks
     before = psutil.Process().memory_info().rss
-    assert release_host_memory(torch.device("cpu"))
+    assert release_host_memory(torch.empty(2**21))  # 8 MiB
     freed = before - psutil.Process().memory_info().rss
     assert freed > 100 * 2**20, freed / 2**20
     assert keep.sum() == 16 * 1024
