@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -116,12 +117,13 @@ def main() -> None:
     p.add_argument("--params", type=float, default=1e9)
     p.add_argument("--tp", type=int, default=2)
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
-    p.add_argument("--dir", required=True, help="scratch directory (removed and rewritten)")
+    p.add_argument("--dir", help="scratch directory (removed and rewritten); default: a temporary directory, removed after")
     args = p.parse_args()
     from mm.ops import select_backend
 
     select_backend("cpu")
-    res = measure(args.params, args.tp, args.dtype, Path(args.dir))
+    with tempfile.TemporaryDirectory(prefix="mm_bench_ckpt_") as tmp:
+        res = measure(args.params, args.tp, args.dtype, Path(args.dir or tmp))
     print(f"{res['params']:,} parameters ({res['dtype']}, hidden {res['hidden']}), TP {res['tp']}")
     print(f"{'case':20s} {'working MiB':>12s} {'bound MiB':>10s} {'peak RSS MiB':>13s} {'wall s':>7s}")
     for name, c in res["cases"].items():
