@@ -17,8 +17,10 @@ TP-split parameters / TP + replicated ones):
 * weights ``P x e`` (``e`` = 2 with ``--bf16``, else 4); grads ``4 P`` (megatron's fp32 grad buffers);
 * optimizer: Adam moments ``8 P`` and fp32 master weights ``4 P`` (bf16 only), sharded over DP x CP with the
   distributed optimizer; EMA ``4 P`` (sharded the same way, ``mm.training.ema_adamw``);
-* optimizer-step working memory: one fp32 copy of the optimizer's shard (``4 P / shards``), which is the
-  peak when activations are small;
+* optimizer-step working memory: a quarter of an fp32 copy of the optimizer's shard (``P / shards``: the
+  per-parameter AdamW temporaries), the peak when activations are small. The gradient collectives are taken
+  to work in place (NCCL/HCCL; on one gloo rank since ``megatron_patches`` P10, which removed the whole-buffer
+  copy the first calibration had measured as a full ``4 P / shards``);
 * activations per block and micro-batch: ``tokens x D x (f32 x 4 + c_seq x e) / sp + tokens x D x c_tp x e /
   TP`` with ``tokens = (video + text tokens) / CP`` and ``sp`` = TP under sequence parallelism, else 1; the
   coefficients (elements per token in units of D: fp32 residual-stream tensors, compute-dtype tensors of the
@@ -86,7 +88,7 @@ ACT = {
     "ffn": {"f32": 1.0, "seq": 3.0, "tp": 8.0},  # residual, LN/modulate outputs, fc1 output + activation
 }
 BLOCK_INPUT_F32 = 2.0  # what full recompute keeps per block: the video and text streams (fp32 residuals)
-OPT_STEP_F32 = 1.0  # optimizer-step working memory: fp32 copies of the optimizer shard
+OPT_STEP_F32 = 0.25  # optimizer-step working memory, in fp32 copies of the optimizer shard
 RECOMPUTE = ("none", "selective", "full")
 
 # released T5-v1_1-XL encoder and CLIP-ViT-bigG-14 text tower (public configs), for when the directory is absent
